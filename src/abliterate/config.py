@@ -1,0 +1,235 @@
+"""Typed schemas behind the YAML config groups.
+
+Each dataclass is registered in Hydra's ConfigStore as the base of its group, so a typo in a key
+or a value of the wrong type fails at compose time. Enum-like string fields are checked in
+``__post_init__``-style validators (``validate_config``) with messages that name the key, the bad
+value and the valid ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+HARM_CATEGORIES: tuple[str, ...] = (
+    "sexual_content",
+    "violence_weapons",
+    "hacking_cybersecurity",
+    "self_harm",
+    "drugs_substances",
+    "fraud_deception",
+    "harassment",
+    "surveillance_privacy",
+    "misc_harmful",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in paths and reports
+    source: str = (
+        "hub"  # hub (repo id or local dir) | gguf (a .gguf file) | embedded (the built refuser)
+    )
+    path: str = MISSING  # repo id, local directory, or .gguf file path
+    gguf_file: str | None = None  # file name inside `path` when source=gguf and path is a directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # only run a model's own Python code when asked to
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    disable_thinking: bool = True  # pass enable_thinking=False to chat templates that support it
+    system_prompt: str | None = None  # None keeps the template's own default system prompt
+    num_layers: int | None = None  # informative; the value read from the model config is used
+    default_layer: int = MISSING  # the layer a plain `python run.py` uses for this model
+    batch_size: int = 16  # prompts per forward pass for activations and evaluation
+
+
+@dataclass
+class PromptSetConfig:
+    source: str = "builtin"  # builtin | hub | file
+    path: str | None = None  # builtin: harmful | matched | unmatched; hub: dataset id; file: path
+    split: str | None = None  # builtin: refuser_train | extraction | evaluation; hub: dataset split
+    column: str = "prompt"  # column / JSON key holding the prompt text
+    category_column: str | None = None  # column holding the harm category (None: no categories)
+    limit: int | None = None  # keep at most this many prompts (stratified by category)
+    per_category: int | None = None  # keep at most this many prompts of each category
+    skip_per_category: int = 0  # drop the first N of each category (hold them out for another set)
+
+
+@dataclass
+class DataConfig:
+    harmful_train: PromptSetConfig = field(default_factory=PromptSetConfig)
+    matched_train: PromptSetConfig = field(default_factory=PromptSetConfig)
+    unmatched_train: PromptSetConfig = field(default_factory=PromptSetConfig)
+    harmful_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
+    matched_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
+    unmatched_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
+    categories: list[str] = field(default_factory=lambda: list(HARM_CATEGORIES))
+
+
+@dataclass
+class BaselineConfig:
+    name: str = (
+        "unmatched"  # matched (per-category topic-matched mean) | unmatched (one generic mean)
+    )
+
+
+@dataclass
+class ExtractionConfig:
+    method: str = "som_per_class"  # som_per_class | som_global | diff_in_means
+    position: str = "last"  # last (last prompt token) | mean_post_instruction (mean over template tokens after the instruction)
+    som_rows: int = 3  # SOM grid rows
+    som_cols: int = 3  # SOM grid columns
+    sigma: float = 0.4  # neighbourhood radius, in grid units
+    learning_rate: float = 0.01
+    iterations: int = 10000  # MiniSom train_random iterations
+    topology: str = "hexagonal"  # hexagonal | rectangular
+    neighborhood: str = "gaussian"  # gaussian | mexican_hat | bubble | triangle
+    top_k: int | None = None  # som_global / svd: keep at most k directions (None: all)
+    orthogonalize: str = "none"  # none | svd
+    seed: int = 0
+
+
+@dataclass
+class AblationConfig:
+    weight: float = 1.0  # w in W <- W - w r (r^T W); 1 projects out exactly, >1 over-projects
+    scope: str = "all"  # all (every layer's writers) | layer (only the tested layer's writers)
+    combine: str = "merged"  # merged | sum | sequential | subspace
+    direction_norm: str = "unit"  # unit | relative (|d| / mean activation norm at the layer)
+    norm_preserving: bool = False  # rescale each written vector back to its original norm
+    embeddings: bool = False  # also project the direction out of the token embeddings
+    mode: str = (
+        "weights"  # weights (edit matrices in place, restored after) | hooks (inference-time)
+    )
+
+
+@dataclass
+class EvalConfig:
+    harmful_per_category: int = 4  # held-out harmful prompts per category
+    n_unmatched: int = 24  # held-out generic harmless prompts (false refusals)
+    n_matched: int = 18  # held-out topic-matched harmless prompts (false refusals)
+    max_new_tokens: int = 32  # greedy response length
+    kl_prompts: int = 24  # harmless prompts for KL(original || ablated)
+    kl_tokens: int = (
+        1  # teacher-forced tokens of the original greedy continuation (1 = first token)
+    )
+    kl_floor: float = 1e-3  # efficiency = removed refusals / max(KL, floor)
+    min_bigram_entropy: float = 2.0  # bits; below this a response is incoherent
+    max_repeat_fraction: float = 0.5  # most frequent token's share above this is incoherent
+    early_stop: bool = True  # stop generating once every sequence ended or its label is decided
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "abliterate"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None  # defaults to the sweep's name
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "trial"
+    init_timeout_s: float = 20.0
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = "${oc.env:ABLITERATE_CACHE,${oc.env:HOME}/.cache/abliterate}"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    layer: int = -1  # 0-based decoder layer whose directions are used; negative counts from the end
+    seed: int = 0
+    export: bool = False  # save the abliterated model (safetensors + tokenizer + card)
+    force: bool = False  # rerun even if this trial's results.json is complete
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.source": ("hub", "gguf", "embedded"),
+    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "baseline.name": ("matched", "unmatched"),
+    "extraction.method": ("som_per_class", "som_global", "diff_in_means"),
+    "extraction.position": ("last", "mean_post_instruction"),
+    "extraction.topology": ("hexagonal", "rectangular"),
+    "extraction.neighborhood": ("gaussian", "mexican_hat", "bubble", "triangle"),
+    "extraction.orthogonalize": ("none", "svd"),
+    "ablation.scope": ("all", "layer"),
+    "ablation.combine": ("merged", "sum", "sequential", "subspace"),
+    "ablation.direction_norm": ("unit", "relative"),
+    "ablation.mode": ("weights", "hooks"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is allowed."""
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def validate_config(cfg: Any) -> None:
+    """Check option values before anything expensive runs.
+
+    Args:
+        cfg: a composed TrialConfig (DictConfig or dataclass instance).
+
+    Raises:
+        ConfigError: naming the key, the bad value and the valid values.
+    """
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+    weight = _get(cfg, "ablation.weight")
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"ablation.weight={weight!r} must be a finite number >= 0")
+    for key in ("extraction.som_rows", "extraction.som_cols", "extraction.iterations"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 1")
+    top_k = _get(cfg, "extraction.top_k")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"extraction.top_k={top_k!r} must be >= 1 or null")
+    if _get(cfg, "eval.kl_tokens") < 1:
+        raise ConfigError(f"eval.kl_tokens={_get(cfg, 'eval.kl_tokens')!r} must be >= 1")
+    unknown = sorted(set(_get(cfg, "data.categories")) - set(HARM_CATEGORIES))
+    if unknown and _get(cfg, "data.harmful_train.source") == "builtin":
+        raise ConfigError(
+            f"data.categories has unknown categories {unknown}; the builtin corpus has "
+            f"{', '.join(HARM_CATEGORIES)}"
+        )
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files can extend them (``defaults: [_schema_x]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="trial_schema", node=TrialConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("baseline", BaselineConfig),
+        ("extraction", ExtractionConfig),
+        ("ablation", AblationConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+        ("paths", PathsConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)

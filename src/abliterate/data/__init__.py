@@ -1,0 +1,1 @@
+"""The builtin prompt corpus (JSONL), written for this project."""

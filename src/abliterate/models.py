@@ -1,0 +1,189 @@
+"""Model loading and chat formatting.
+
+A model comes from a hub id or local directory (``source: hub``), a GGUF file (``source: gguf``),
+or the embedded refusing model built by :mod:`abliterate.refuser` (``source: embedded``).
+Per-model facts (repo id, dtype, thinking-mode handling) live in ``conf/model/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for activations, ablation and generation."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    identity: (
+        str  # what the weights are (path or repo@revision, or a content hash): cache keys use it
+    )
+    device: torch.device
+    system_prompt: str | None = None
+    disable_thinking: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"model.dtype={dtype!r} is not valid; choose one of {', '.join([*DTYPES, 'auto'])}"
+        )
+    return DTYPES[dtype]
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding (last prompt token at position -1 for every row), and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; abliteration measures an "
+            "instruction-tuned model's refusals, so use a chat model (or set tokenizer.chat_template)"
+        )
+    return tokenizer
+
+
+def read_model_config(cfg: Any) -> Any:
+    """The model's transformers config, read without loading weights (for early validation)."""
+    if cfg.source == "gguf":
+        path = Path(cfg.path)
+        directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
+        return AutoConfig.from_pretrained(directory, gguf_file=file)
+    return AutoConfig.from_pretrained(
+        cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+
+
+def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
+    """Load the configured model and tokenizer.
+
+    Args:
+        cfg: a ``ModelConfig``.
+        cache_dir: the project cache (the embedded refuser lives under ``<cache>/models``).
+    """
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.source == "embedded":
+        from abliterate.refuser import ensure_refuser
+
+        directory = ensure_refuser(Path(cache_dir))
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        identity = f"embedded:{directory.name}"
+    elif cfg.source == "gguf":
+        model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
+        path = Path(cfg.path)
+        directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
+        identity = f"gguf:{path.resolve()}"
+    elif cfg.source == "hub":
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            use_safetensors=None if Path(cfg.path).is_dir() else True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+        identity = f"hub:{cfg.path}@{cfg.revision or 'main'}"
+    else:
+        raise ValueError(
+            f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
+        )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        tokenizer=prepare_tokenizer(tokenizer),
+        name=cfg.name,
+        identity=identity,
+        device=device,
+        system_prompt=cfg.system_prompt,
+        disable_thinking=cfg.disable_thinking,
+    )
+
+
+def load_gguf_as_plain_model(path: Path, gguf_file: str | None, dtype: torch.dtype) -> Any:
+    """Load a GGUF file, dequantized, as an ordinary (saveable, editable) transformers model.
+
+    transformers flags a GGUF-loaded model as quantized, which blocks ``save_pretrained``; the
+    weights are already dequantized, so the model is rebuilt from its config and state dict.
+    """
+    directory, file = (path, gguf_file) if path.is_dir() else (path.parent, path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=dtype)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config).to(dtype)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # A tied lm_head is absent from the state dict of some checkpoints; anything else is an error.
+    missing = [
+        name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")
+    ]
+    if missing or unexpected:
+        raise RuntimeError(f"rebuilding {file}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def format_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str] | tuple[str, ...],
+    system_prompt: str | None = None,
+    disable_thinking: bool = True,
+) -> list[str]:
+    """Each prompt as one user turn with the generation prompt appended.
+
+    Thinking-mode templates (Qwen3/3.5) get ``enable_thinking=False`` so activations and responses
+    start at the answer; templates without that switch ignore the extra variable.
+    """
+    formatted = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=not disable_thinking,
+        )
+        formatted.append(text)
+    return formatted
+
+
+def count_post_instruction_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+    disable_thinking: bool = True,
+) -> int:
+    """How many template tokens follow the user's instruction (end-of-turn, assistant header...)."""
+    sentinel = "ZQXJ sentinel"
+    text = format_chat(tokenizer, [sentinel], system_prompt, disable_thinking)[0]
+    suffix = text.split(sentinel, 1)[1]
+    return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))

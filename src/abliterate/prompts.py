@@ -1,0 +1,281 @@
+"""Prompt sets: the builtin corpus, its deterministic splits, and user sources (hub, file).
+
+The builtin corpus (``abliterate/data/*.jsonl``) holds harmful requests in 9 categories, topic-
+matched harmless requests per category, and a pool of generic (unmatched) harmless instructions.
+Each is split deterministically into three disjoint parts: ``refuser_train`` (fine-tuning the
+embedded refusing model), ``extraction`` (refusal directions) and ``evaluation`` (held out).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+BUILTIN_KINDS = ("harmful", "matched", "unmatched")
+SPLITS = ("refuser_train", "extraction", "evaluation")
+# Fractions of each category (or of the unmatched pool) that go to each split, in SPLITS order.
+SPLIT_FRACTIONS = (1 / 3, 0.4, None)  # None: the rest
+SOURCES = ("builtin", "hub", "file")
+
+
+class PromptDataError(ValueError):
+    """A prompt source is malformed; the message names the file and line (or dataset/column)."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An ordered list of prompts with an optional category per prompt."""
+
+    name: str
+    prompts: tuple[str, ...]
+    categories: tuple[str | None, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.categories:
+            object.__setattr__(self, "categories", (None,) * len(self.prompts))
+        if len(self.categories) != len(self.prompts):
+            raise ValueError(
+                f"{self.name}: {len(self.prompts)} prompts but {len(self.categories)} categories"
+            )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def by_category(self) -> dict[str, list[str]]:
+        """Prompts grouped by category, in corpus order (uncategorised prompts under '')."""
+        grouped: dict[str, list[str]] = defaultdict(list)
+        for prompt, category in zip(self.prompts, self.categories, strict=True):
+            grouped[category or ""].append(prompt)
+        return dict(grouped)
+
+    def category_names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for category in self.categories:
+            if category is not None:
+                seen.setdefault(category, None)
+        return list(seen)
+
+    def fingerprint(self) -> str:
+        """A content hash of prompts and categories (cache keys use it)."""
+        digest = hashlib.sha256()
+        for prompt, category in zip(self.prompts, self.categories, strict=True):
+            digest.update(prompt.encode())
+            digest.update(b"\x1f")
+            digest.update((category or "").encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()[:16]
+
+    def select(
+        self,
+        *,
+        per_category: int | None = None,
+        limit: int | None = None,
+        skip_per_category: int = 0,
+    ) -> PromptSet:
+        """A stratified subset: at most ``per_category`` per category, then at most ``limit`` in all,
+        taken round-robin over categories so every category stays represented."""
+        grouped: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+        for prompt, category in zip(self.prompts, self.categories, strict=True):
+            grouped[category or ""].append((prompt, category))
+        grouped = {key: items[skip_per_category:] for key, items in grouped.items()}
+        if per_category is not None:
+            grouped = {key: items[:per_category] for key, items in grouped.items()}
+        rows: list[tuple[str, str | None]] = []
+        queues = [list(items) for items in grouped.values()]
+        while any(queues) and (limit is None or len(rows) < limit):
+            for queue in queues:
+                if queue and (limit is None or len(rows) < limit):
+                    rows.append(queue.pop(0))
+        return PromptSet(self.name, tuple(p for p, _ in rows), tuple(c for _, c in rows))
+
+
+def _read_builtin_rows(kind: str) -> list[dict[str, Any]]:
+    if kind not in BUILTIN_KINDS:
+        raise PromptDataError(
+            f"builtin prompt set {kind!r} does not exist; choose one of {', '.join(BUILTIN_KINDS)}"
+        )
+    text = resources.files("abliterate.data").joinpath(f"{kind}.jsonl").read_text(encoding="utf-8")
+    return _parse_jsonl(text, f"abliterate/data/{kind}.jsonl")
+
+
+def _parse_jsonl(text: str, origin: str) -> list[dict[str, Any]]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptDataError(
+                f"{origin}:{line_number}: not valid JSON ({error.msg})"
+            ) from error
+        if not isinstance(row, dict):
+            raise PromptDataError(
+                f"{origin}:{line_number}: expected a JSON object, got {type(row).__name__}"
+            )
+        row["_line"] = line_number
+        rows.append(row)
+    return rows
+
+
+def _split_order_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+def split_rows(
+    rows: list[dict[str, Any]], split: str, key: str = "category"
+) -> list[dict[str, Any]]:
+    """The rows of one deterministic split.
+
+    Within each category (or the whole pool when rows have no category), rows are ordered by a
+    hash of their text and cut by ``SPLIT_FRACTIONS``; the split therefore depends only on the
+    prompt text, not on file order, and the three splits are disjoint by construction.
+    """
+    if split not in SPLITS:
+        raise PromptDataError(f"split {split!r} does not exist; choose one of {', '.join(SPLITS)}")
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row.get(key) or ""].append(row)
+    index = SPLITS.index(split)
+    chosen: list[dict[str, Any]] = []
+    for group in grouped.values():
+        ordered = sorted(group, key=lambda row: _split_order_key(row["prompt"]))
+        bounds = [0]
+        for fraction in SPLIT_FRACTIONS[:-1]:
+            bounds.append(bounds[-1] + round(len(ordered) * fraction))
+        bounds.append(len(ordered))
+        chosen.extend(ordered[bounds[index] : bounds[index + 1]])
+    return chosen
+
+
+def load_builtin(kind: str, split: str | None, categories: list[str] | None = None) -> PromptSet:
+    """A builtin prompt set (``harmful``, ``matched`` or ``unmatched``), one split or all of it."""
+    rows = _read_builtin_rows(kind)
+    if split is not None:
+        rows = split_rows(rows, split)
+    if categories is not None and kind != "unmatched":
+        rows = [row for row in rows if row.get("category") in categories]
+    name = f"{kind}/{split or 'all'}"
+    return PromptSet(name, tuple(r["prompt"] for r in rows), tuple(r.get("category") for r in rows))
+
+
+def load_refusal_texts() -> list[str]:
+    """The hand-written refusals the embedded refuser is trained to give."""
+    text = resources.files("abliterate.data").joinpath("refusals.jsonl").read_text(encoding="utf-8")
+    return [row["text"] for row in _parse_jsonl(text, "abliterate/data/refusals.jsonl")]
+
+
+def _rows_from_file(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise PromptDataError(f"prompt file {str(path)!r} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise PromptDataError(
+            f"{path}:{line}: not valid UTF-8 (byte offset {error.start})"
+        ) from error
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _parse_jsonl(text, str(path))
+    if suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise PromptDataError(f"{path}: expected a JSON list of objects")
+        return [dict(row, _line=i + 1) for i, row in enumerate(data)]
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        return [dict(row, _line=i + 2) for i, row in enumerate(reader)]
+    if suffix in (".txt", ""):
+        return [
+            {"prompt": line, "_line": i + 1}
+            for i, line in enumerate(text.splitlines())
+            if line.strip()
+        ]
+    raise PromptDataError(
+        f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .txt"
+    )
+
+
+def _rows_from_hub(path: str, split: str | None) -> list[dict[str, Any]]:
+    import datasets  # imported lazily: only hub sources need it
+
+    try:
+        dataset = datasets.load_dataset(path, split=split or "train")
+    except Exception as error:  # network, missing dataset, bad split: all end the same way
+        raise PromptDataError(
+            f"hub dataset {path!r} (split {split!r}) could not be loaded: {error}"
+        ) from error
+    return [dict(row, _line=i + 1) for i, row in enumerate(dataset)]
+
+
+def _column_values(
+    rows: list[dict[str, Any]], column: str, category_column: str | None, origin: str
+) -> tuple[list[str], list[str | None]]:
+    prompts: list[str] = []
+    categories: list[str | None] = []
+    for row in rows:
+        where = f"{origin}:{row.get('_line', '?')}"
+        if column not in row:
+            available = sorted(k for k in row if k != "_line")
+            raise PromptDataError(f"{where}: no column {column!r}; columns are {available}")
+        value = row[column]
+        if not isinstance(value, str) or not value.strip():
+            raise PromptDataError(f"{where}: column {column!r} is empty or not text")
+        prompts.append(value.strip())
+        if category_column is not None:
+            if category_column not in row:
+                available = sorted(k for k in row if k != "_line")
+                raise PromptDataError(
+                    f"{where}: no category column {category_column!r}; columns are {available}"
+                )
+            categories.append(str(row[category_column]))
+        else:
+            categories.append(None)
+    return prompts, categories
+
+
+def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) -> PromptSet:
+    """Load one configured prompt set (a ``PromptSetConfig``) from builtin, hub or file.
+
+    Args:
+        name: the set's name in the ``data`` group (for messages), e.g. ``harmful_eval``.
+        cfg: its config (source, path, split, column, category_column, limit, per_category).
+        categories: restrict builtin categorised sets to these categories.
+
+    Raises:
+        PromptDataError: naming the source and the position of the bad row.
+    """
+    if cfg.source not in SOURCES:
+        raise PromptDataError(
+            f"data.{name}.source={cfg.source!r} is not valid; choose one of {', '.join(SOURCES)}"
+        )
+    if cfg.source == "builtin":
+        prompt_set = load_builtin(cfg.path, cfg.split, categories)
+    else:
+        if not cfg.path:
+            raise PromptDataError(
+                f"data.{name}.path is required when data.{name}.source={cfg.source}"
+            )
+        if cfg.source == "hub":
+            rows, origin = (
+                _rows_from_hub(cfg.path, cfg.split),
+                f"{cfg.path}[{cfg.split or 'train'}]",
+            )
+        else:
+            rows, origin = _rows_from_file(Path(cfg.path).expanduser()), str(cfg.path)
+        prompts, cats = _column_values(rows, cfg.column, cfg.category_column, origin)
+        if not prompts:
+            raise PromptDataError(f"data.{name}: {origin} holds no prompts")
+        prompt_set = PromptSet(name, tuple(prompts), tuple(cats))
+    if cfg.per_category is not None or cfg.limit is not None or cfg.skip_per_category:
+        prompt_set = prompt_set.select(
+            per_category=cfg.per_category, limit=cfg.limit, skip_per_category=cfg.skip_per_category
+        )
+    return PromptSet(name, prompt_set.prompts, prompt_set.categories)
