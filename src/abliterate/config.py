@@ -116,6 +116,7 @@ class EvalConfig:
     kl_tokens: int = (
         1  # teacher-forced tokens of the original greedy continuation (1 = first token)
     )
+    kl_top_k: int | None = None  # None: full vocabulary; k: original's top-k tokens + a tail bucket
     kl_floor: float = 1e-3  # efficiency = removed refusals / max(KL, floor)
     min_bigram_entropy: float = 2.0  # bits; below this a response is incoherent
     max_repeat_fraction: float = 0.5  # most frequent token's share above this is incoherent

@@ -33,6 +33,7 @@ class LoadedModel:
     device: torch.device
     system_prompt: str | None = None
     disable_thinking: bool = True
+    batch_size: int = 16  # prompts per forward pass / generate call
 
 
 def resolve_device(device: str) -> torch.device:
@@ -124,6 +125,7 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         device=device,
         system_prompt=cfg.system_prompt,
         disable_thinking=cfg.disable_thinking,
+        batch_size=cfg.batch_size,
     )
 
 

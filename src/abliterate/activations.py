@@ -1,0 +1,223 @@
+"""Residual-stream activations, every layer from one forward pass per batch, cached on disk.
+
+The activation of a prompt at layer L is the output of decoder layer L (0-based; the residual
+stream after that layer's writes) at the last prompt token after the chat template with the
+generation prompt (``position=last``), or its mean over the template tokens that follow the
+instruction (``position=mean_post_instruction``). Prompts are left-padded so the last token is at
+index -1 in every row.
+
+Entries live in ``<cache>/activations/<key>.safetensors``, keyed by model identity, dtype,
+prompts, position and chat template, written atomically under a file lock with a checksum, so
+every later trial and process (and every SLURM job sharing the cache) reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from abliterate.architectures import get_decoder_layers
+from abliterate.models import LoadedModel, count_post_instruction_tokens, format_chat
+from abliterate.prompts import PromptSet
+
+log = logging.getLogger(__name__)
+
+POSITIONS = ("last", "mean_post_instruction")
+
+
+@dataclass
+class Activations:
+    """Per-prompt residual activations of one prompt set."""
+
+    prompt_set: PromptSet
+    values: torch.Tensor  # (n_prompts, n_layers, d_model) float32, CPU
+    cache_hit: bool
+
+    def mean(self, layer: int | None = None) -> torch.Tensor:
+        """Mean over prompts, accumulated in float64: (n_layers, d_model) or (d_model,)."""
+        values = self.values if layer is None else self.values[:, layer]
+        return values.double().mean(dim=0)
+
+    def category_means(self, layer: int | None = None) -> dict[str, torch.Tensor]:
+        """Mean per category (float64)."""
+        categories = self.prompt_set.categories
+        means = {}
+        for category in self.prompt_set.category_names():
+            rows = [i for i, c in enumerate(categories) if c == category]
+            values = self.values[rows] if layer is None else self.values[rows, layer]
+            means[category] = values.double().mean(dim=0)
+        return means
+
+
+def template_fingerprint(loaded: LoadedModel) -> str:
+    """Identifies the chat formatting (template, system prompt, thinking switch)."""
+    probe = format_chat(
+        loaded.tokenizer, ["{PROMPT}"], loaded.system_prompt, loaded.disable_thinking
+    )[0]
+    return hashlib.sha256(probe.encode()).hexdigest()[:12]
+
+
+def activation_cache_key(loaded: LoadedModel, prompt_set: PromptSet, position: str) -> str:
+    parts = {
+        "model": loaded.identity,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "prompts": prompt_set.fingerprint(),
+        "position": position,
+        "template": template_fingerprint(loaded),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_entry(path: Path) -> torch.Tensor | None:
+    """The cached tensor, or None if it is missing, truncated or fails its checksum."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        values = load_file(str(path))["activations"]
+    except (SafetensorError, OSError, KeyError, RuntimeError) as error:
+        log.warning("activation cache entry %s is unreadable (%s); recomputing", path, error)
+        return None
+    if metadata.get("sha256") != _checksum(values):
+        log.warning("activation cache entry %s fails its checksum; recomputing", path)
+        return None
+    return values
+
+
+def _write_entry(path: Path, values: torch.Tensor, metadata: dict[str, str]) -> None:
+    temporary = path.with_suffix(f".tmp-{os.getpid()}")
+    save_file(
+        {"activations": values.contiguous()},
+        str(temporary),
+        metadata={**metadata, "sha256": _checksum(values)},
+    )
+    os.replace(temporary, path)  # atomic: readers see the old state or the whole new file
+
+
+@torch.inference_mode()
+def run_forward_passes(
+    loaded: LoadedModel,
+    prompts: tuple[str, ...] | list[str],
+    position: str,
+    batch_size: int,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """Activations of every layer for ``prompts``: (n_prompts, n_layers, d_model) float32 CPU."""
+    if position not in POSITIONS:
+        raise ValueError(
+            f"extraction.position={position!r} is not valid; choose one of {', '.join(POSITIONS)}"
+        )
+    tokenizer = loaded.tokenizer
+    layers = get_decoder_layers(loaded.model)
+    texts = format_chat(tokenizer, list(prompts), loaded.system_prompt, loaded.disable_thinking)
+    n_post = count_post_instruction_tokens(tokenizer, loaded.system_prompt, loaded.disable_thinking)
+    take = 1 if position == "last" else n_post
+    captured: list[torch.Tensor] = []
+
+    def capture(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
+        captured.append(hidden[:, -take:].float().mean(dim=1))  # (batch, d_model)
+
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    rows: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(capture) for layer in layers]
+    try:
+        decoder = (
+            loaded.model.get_decoder()
+        )  # no vocabulary head: only the residual stream is needed
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(
+            batches, desc=progress, disable=progress is None or len(batches) < 2, leave=False
+        ):
+            encoded = tokenizer(
+                [texts[i] for i in batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(loaded.device)
+            captured.clear()
+            decoder(**encoded, use_cache=False)
+            if len(captured) != len(layers):
+                raise RuntimeError(
+                    f"captured {len(captured)} layer outputs, expected {len(layers)}"
+                )
+            stacked = torch.stack(captured, dim=1).cpu()  # (batch, n_layers, d_model)
+            for offset, index in enumerate(batch):
+                rows[index] = stacked[offset]
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = torch.stack([rows[i] for i in range(len(texts))])  # (n_prompts, n_layers, d_model)
+    if not torch.isfinite(result).all():
+        raise FloatingPointError(
+            "non-finite activations: check the model's dtype (float16 overflow?)"
+        )
+    return result
+
+
+def collect_activations(
+    loaded: LoadedModel,
+    prompt_set: PromptSet,
+    position: str = "last",
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+) -> Activations:
+    """Activations of ``prompt_set``, read from the cache when present, else computed and stored.
+
+    Args:
+        loaded: the (unedited) model.
+        prompt_set: the prompts.
+        position: ``last`` or ``mean_post_instruction``.
+        batch_size: prompts per forward pass.
+        cache_dir: the project cache; None disables caching.
+    """
+    if cache_dir is None:
+        values = run_forward_passes(
+            loaded, prompt_set.prompts, position, batch_size, progress=prompt_set.name
+        )
+        return Activations(prompt_set, values, cache_hit=False)
+    directory = Path(cache_dir) / "activations"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = activation_cache_key(loaded, prompt_set, position)
+    path = directory / f"{key}.safetensors"
+    values = _read_entry(path)
+    if values is not None:
+        return Activations(prompt_set, values, cache_hit=True)
+    # Concurrent jobs on a shared cache: one computes, the others wait and then read.
+    with FileLock(str(directory / f"{key}.lock")):
+        values = _read_entry(path)
+        if values is not None:
+            return Activations(prompt_set, values, cache_hit=True)
+        values = run_forward_passes(
+            loaded,
+            prompt_set.prompts,
+            position,
+            batch_size,
+            progress=f"activations {prompt_set.name}",
+        )
+        metadata = {
+            "model": loaded.identity,
+            "prompt_set": prompt_set.name,
+            "position": position,
+            "n_prompts": str(len(prompt_set)),
+        }
+        _write_entry(path, values, metadata)
+    return Activations(prompt_set, values, cache_hit=False)

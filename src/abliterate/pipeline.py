@@ -1,0 +1,370 @@
+"""One extraction-plus-abliteration trial, stage by stage, as the method section reads.
+
+    1. load the model (reused across the trials of an in-process sweep)
+    2. load the six prompt sets
+    3. collect residual activations (cached on disk, shared across trials and processes)
+    4. extract refusal directions at the tested layer (matched or unmatched contrast)
+    5. evaluate the unedited model (cached once per model x prompts x settings)
+    6. ablate, evaluate, measure KL and the perturbation, restore the weights exactly
+    7. geometry of the contrast and of the directions
+    8. record: directions.safetensors, completions.jsonl, results.json (last, atomically)
+
+State that outlives a trial (the model, prompt sets, activations, baseline evaluation, directions)
+lives in a :class:`Session`; Hydra's in-process multirun calls :func:`run_trial` once per trial in
+one process, so a sweep pays for loading and extraction once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from abliterate import activations as activations_stage
+from abliterate import directions as directions_stage
+from abliterate import evaluation as evaluation_stage
+from abliterate import geometry as geometry_stage
+from abliterate import records
+from abliterate.ablation import apply_ablation
+from abliterate.architectures import ResidualWriters, resolve_residual_writers
+from abliterate.config import ConfigError, validate_config
+from abliterate.models import LoadedModel, load_model
+from abliterate.prompts import PromptSet, load_prompt_set
+
+log = logging.getLogger(__name__)
+
+TRAIN_SETS = ("harmful_train", "matched_train", "unmatched_train")
+EVAL_SETS = ("harmful_eval", "matched_eval", "unmatched_eval")
+
+
+@dataclass
+class Session:
+    """What an in-process sweep shares between trials."""
+
+    model_key: str | None = None
+    loaded: LoadedModel | None = None
+    writers: ResidualWriters | None = None
+    prompt_sets: dict[str, PromptSet] = field(default_factory=dict)
+    activations: dict[str, activations_stage.Activations] = field(default_factory=dict)
+    baselines: dict[str, evaluation_stage.BaselineEvaluation] = field(default_factory=dict)
+    directions: dict[str, directions_stage.Directions] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+SESSION = Session()
+
+
+def _key(node: Any) -> str:
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _timed(timing: dict[str, float], stage: str):
+    class _Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - self.start
+
+    return _Timer()
+
+
+def _load_model_stage(cfg: DictConfig, session: Session) -> LoadedModel:
+    key = _key(cfg.model)
+    if session.loaded is None or session.model_key != key:
+        session.reset()
+        session.loaded = load_model(cfg.model, cfg.paths.cache_dir)
+        session.writers = resolve_residual_writers(session.loaded.model)
+        session.model_key = key
+    return session.loaded
+
+
+def _load_prompt_sets(cfg: DictConfig, session: Session) -> dict[str, PromptSet]:
+    categories = list(cfg.data.categories) or None
+    sets = {}
+    for name in (*TRAIN_SETS, *EVAL_SETS):
+        key = f"{name}:{_key(cfg.data[name])}:{categories}"
+        if key not in session.prompt_sets:
+            session.prompt_sets[key] = load_prompt_set(name, cfg.data[name], categories)
+        sets[name] = session.prompt_sets[key]
+    overlap = set(sets["harmful_train"].prompts) & set(sets["harmful_eval"].prompts)
+    if overlap:
+        raise ConfigError(
+            f"data.harmful_eval shares {len(overlap)} prompts with data.harmful_train "
+            f"(e.g. {next(iter(overlap))!r}); evaluation prompts must be held out"
+        )
+    if cfg.baseline.name == "matched":
+        missing = sorted(
+            set(sets["harmful_train"].category_names())
+            - set(sets["matched_train"].category_names())
+        )
+        if missing or not sets["harmful_train"].category_names():
+            raise ConfigError(
+                f"baseline=matched needs matched prompts for every harm category; missing {missing or 'categories'}"
+                f" (matched categories: {sets['matched_train'].category_names()})"
+            )
+    return sets
+
+
+def _collect(
+    cfg: DictConfig, session: Session, loaded: LoadedModel, prompt_set: PromptSet
+) -> activations_stage.Activations:
+    key = f"{prompt_set.fingerprint()}:{cfg.extraction.position}"
+    if key in session.activations:
+        cached = session.activations[key]
+        return activations_stage.Activations(cached.prompt_set, cached.values, cache_hit=True)
+    result = activations_stage.collect_activations(
+        loaded, prompt_set, cfg.extraction.position, loaded.batch_size, cfg.paths.cache_dir
+    )
+    session.activations[key] = result
+    return result
+
+
+def _completion_rows(
+    sets: dict[str, evaluation_stage.SetResult], baseline: evaluation_stage.BaselineEvaluation
+) -> list[dict]:
+    rows = []
+    for name, result in sets.items():
+        base = baseline.sets[name]
+        for i, prompt in enumerate(result.prompts):
+            rows.append(
+                {
+                    "set": name,
+                    "prompt": prompt,
+                    "category": result.categories[i],
+                    "response": result.responses[i],
+                    "label": result.labels[i],
+                    "baseline_response": base.responses[i],
+                    "baseline_label": base.labels[i],
+                }
+            )
+    return rows
+
+
+def run_trial(
+    cfg: DictConfig, output_dir: str | Path | None = None, session: Session = SESSION
+) -> dict[str, Any]:
+    """Run one trial and write its records into ``output_dir``.
+
+    Returns:
+        The results dictionary (as written to results.json).
+    """
+    validate_config(cfg)
+    output_dir = Path(output_dir or cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    existing = records.read_complete_results(output_dir)
+    if existing is not None and not cfg.force:
+        log.info("%s is complete; skipping (force=true reruns it)", output_dir)
+        return existing
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    # 1. model
+    with _timed(timing, "load"):
+        loaded = _load_model_stage(cfg, session)
+        writers = session.writers
+        assert writers is not None
+        num_layers = writers.num_layers
+        if not -num_layers <= cfg.layer < num_layers:
+            raise ConfigError(
+                f"layer={cfg.layer} is outside this model's layers; valid: 0..{num_layers - 1} (or -{num_layers}..-1)"
+            )
+        layer = cfg.layer % num_layers
+        # 2. prompt sets
+        sets = _load_prompt_sets(cfg, session)
+
+    # 3. activations
+    with _timed(timing, "activations"):
+        acts = {name: _collect(cfg, session, loaded, sets[name]) for name in TRAIN_SETS}
+        cache_state = "hit" if all(a.cache_hit for a in acts.values()) else "miss"
+    harmful = acts["harmful_train"]
+    harmful_layer = harmful.values[:, layer]  # (n_harmful, d_model)
+    harmful_categories = [c or "" for c in harmful.prompt_set.categories]
+    unmatched_mean = acts["unmatched_train"].mean(layer)  # (d_model,) float64
+    matched_means = {c or "": m for c, m in acts["matched_train"].category_means(layer).items()}
+
+    # 4. directions
+    with _timed(timing, "directions"):
+        direction_key = (
+            f"{_key(cfg.extraction)}:{cfg.baseline.name}:{layer}:{harmful.prompt_set.fingerprint()}"
+        )
+        if direction_key not in session.directions:
+            session.directions[direction_key] = directions_stage.extract_directions(
+                harmful_layer,
+                harmful_categories,
+                cfg.baseline.name,
+                unmatched_mean,
+                matched_means,
+                cfg.extraction,
+                layer,
+            )
+        directions = session.directions[direction_key]
+    mean_norm = float(
+        torch.cat([harmful_layer, acts["unmatched_train"].values[:, layer]])
+        .norm(dim=-1)
+        .double()
+        .mean()
+    )
+    scales = None
+    if cfg.ablation.direction_norm == "relative" and len(directions.vectors):
+        scales = torch.tensor(
+            directions_stage.relative_scales(directions, mean_norm), dtype=torch.float32
+        )
+
+    # 5. the unedited model's evaluation (cached)
+    with _timed(timing, "evaluation"):
+        eval_prompts = evaluation_stage.select_eval_prompts(
+            sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
+        )
+        baseline_key = evaluation_stage.baseline_eval_key(loaded, eval_prompts, cfg.eval)
+        baseline_memo_hit = baseline_key in session.baselines
+        if not baseline_memo_hit:
+            session.baselines[baseline_key] = evaluation_stage.evaluate_baseline(
+                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir
+            )
+        baseline = session.baselines[baseline_key]
+
+    # 6. ablate, evaluate, restore (the edit is undone bit-exactly when the block exits)
+    harmful_eval_acts = None
+    if len(directions.vectors):
+        begin = time.perf_counter()
+        with ExitStack() as stack:
+            stack.enter_context(
+                apply_ablation(
+                    loaded.model, writers, directions.vectors, layer, cfg.ablation, scales
+                )
+            )
+            edited = time.perf_counter()
+            sets_result = evaluation_stage.evaluate_responses(loaded, eval_prompts, cfg.eval)
+            kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
+            harmful_eval_acts = activations_stage.run_forward_passes(
+                loaded, eval_prompts.harmful.prompts, cfg.extraction.position, loaded.batch_size
+            )
+            evaluated = time.perf_counter()
+        timing["ablation"] = (edited - begin) + (time.perf_counter() - evaluated)
+        timing["evaluation"] += evaluated - edited
+    else:
+        log.warning("no usable direction at layer %d: the ablated model is the original", layer)
+        sets_result, kl = baseline.sets, 0.0
+    with _timed(timing, "evaluation"):
+        original_eval_acts = _collect(cfg, session, loaded, eval_prompts.harmful).values
+
+    # 7. geometry
+    contrast = geometry_stage.compute_contrast_geometry(
+        harmful_layer,
+        harmful_categories,
+        acts["matched_train"].values[:, layer],
+        [c or "" for c in acts["matched_train"].prompt_set.categories],
+        acts["unmatched_train"].values[:, layer],
+    )
+    vectors = directions.vectors
+    geometry = {
+        "norm_ratio_matched_to_unmatched": contrast["norm_ratio_matched_to_unmatched"],
+        "cos_matched_unmatched": contrast["cos_matched_unmatched"],
+        "cos_topic_unmatched": contrast["cos_topic_unmatched"],
+        "direction_cosines": geometry_stage.compute_direction_cosines(vectors)
+        if len(vectors)
+        else [],
+        "cosine_to_diff_in_means": geometry_stage.compute_cosine_to_diff_in_means(
+            vectors, harmful_layer, acts["unmatched_train"].values[:, layer]
+        )
+        if len(vectors)
+        else [],
+        "capture": geometry_stage.compute_capture(
+            vectors,
+            harmful_layer,
+            harmful_categories,
+            acts["matched_train"].values[:, layer],
+            [c or "" for c in acts["matched_train"].prompt_set.categories],
+        )
+        if len(vectors)
+        else float("nan"),
+        "perturbation_ratio": geometry_stage.compute_perturbation_ratio(
+            original_eval_acts, harmful_eval_acts, layer
+        )
+        if harmful_eval_acts is not None
+        else 0.0,
+        "per_category": contrast.get("per_category", {}),
+        "mean_activation_norm": mean_norm,
+    }
+
+    # 8. records
+    results = {
+        "trial": {
+            "model": cfg.model.path,
+            "model_name": cfg.model.name,
+            "baseline": cfg.baseline.name,
+            "extraction": cfg.extraction.method,
+            "orthogonalize": cfg.extraction.orthogonalize,
+            "layer": layer,
+            "weight": float(cfg.ablation.weight),
+            "scope": cfg.ablation.scope,
+            "combine": cfg.ablation.combine,
+            "direction_norm": cfg.ablation.direction_norm,
+            "norm_preserving": bool(cfg.ablation.norm_preserving),
+            "embeddings": bool(cfg.ablation.embeddings),
+            "mode": cfg.ablation.mode,
+            "num_layers": num_layers,
+            "seed": int(cfg.seed),
+        },
+        "directions": {
+            "count": len(directions.vectors),
+            "norms": list(directions.norms),
+            "degenerate": directions.degenerate,
+            "labels": list(directions.labels),
+            "win_counts": directions.win_counts,
+            "relative_scales": scales.tolist() if scales is not None else None,
+        },
+        "baseline_eval": baseline.rates(),
+        "eval": evaluation_stage.summarize_evaluation(sets_result, kl, baseline, cfg.eval),
+        "geometry": geometry,
+        "cache": {
+            "activations": cache_state,
+            "baseline_eval": "hit" if baseline_memo_hit or baseline.cache_hit else "miss",
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    directions_stage.save_directions(
+        output_dir / records.DIRECTIONS_FILE,
+        directions,
+        {
+            "model": cfg.model.path,
+            "baseline": cfg.baseline.name,
+            "extraction": cfg.extraction.method,
+        },
+    )
+    records.write_completions(output_dir, _completion_rows(sets_result, baseline))
+    if cfg.export:
+        from abliterate.export import export_model
+
+        weights_mode = OmegaConf.merge(cfg.ablation, {"mode": "weights"})  # hooks cannot be saved
+        with apply_ablation(loaded.model, writers, directions.vectors, layer, weights_mode, scales):
+            export_model(loaded, output_dir / "model", results)
+    for stage in ("load", "activations", "directions", "ablation", "evaluation"):
+        timing.setdefault(stage, 0.0)
+    timing["total"] = time.perf_counter() - start
+    results["timing_s"] = timing
+    records.write_results(output_dir, results)
+    return results
+
+
+def main(cfg: DictConfig) -> float:
+    """The Hydra task: run a trial, print its summary, return the harmful refusal rate (the value
+    an optimizing sweeper minimizes)."""
+    results = run_trial(cfg)
+    print(records.format_summary(results), flush=True)
+    return float(results["eval"]["refusal_rate"])
