@@ -57,12 +57,12 @@ class RefuserRecipe:
     """Everything that decides the built weights (part of the cache key)."""
 
     seed: int = 0
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 16
-    learning_rate: float = 6e-5
+    learning_rate: float = 1e-4
     warmup_steps: int = 4
     harmless_target_tokens: int = 12  # the base model's greedy answer, first N tokens
-    first_trainable_layer: int = 6  # layers below stay frozen (cheaper backward)
+    first_trainable_layer: int = 10  # layers below stay frozen (no backward through them)
     eval_new_tokens: int = 24
     generation_batch_size: int = 32
     version: int = 1  # bump when the build code changes what it produces

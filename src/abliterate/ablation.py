@@ -1,0 +1,509 @@
+"""Project refusal directions out of the residual-stream writers, as weight edits or as hooks.
+
+For a unit direction r and a writer W with d_model along its residual axis the edit is
+
+    W <- W - w r (r^T W)
+
+(w = 1 removes r from everything W writes, w > 1 over-projects). Every option of
+``AblationConfig`` turns the k directions into one linear map on d_model vectors of the form
+
+    M = I - U V^T,   U, V: (d_model, rank)
+
+applied to the writer along its residual axis: ``W <- M W``, and ``b <- M b`` for a bias, which is
+written to the stream too. Hooks apply the same M to the writer's output, so both modes compute
+the same function. With a_i the strength of direction i (``w``, or ``w s_i^2`` for relative
+directions, see below):
+
+- ``merged``: m = normalize(sum_i r_i), M = I - a m m^T;
+- ``sum``: M = I - sum_i a_i r_i r_i^T (every rank-1 delta computed from the original W; with k
+  nearly parallel directions the shared component is removed about k times over);
+- ``sequential``: M = P_k ... P_1 with P_i = I - a_i r_i r_i^T (project one after another);
+- ``subspace``: Q an orthonormal basis of span(r_1..r_k), M = I - a Q Q^T.
+
+``direction_norm=relative``: the caller passes scales s_i = |d_i| / (mean activation norm at the
+layer) and direction i is used as s_i r_i, so its projection strength is a_i = w s_i^2. The
+relative mode changes strengths only, never directions. ``merged`` and ``subspace`` have a single
+strength a = w mean_i(s_i^2): with equal scales s every mode then acts like the unit mode at
+weight w s^2, and for orthonormal directions ``subspace`` removes the same total (trace of U V^T)
+as ``sum``.
+
+Post-writer norms (Gemma 3 applies an RMSNorm with gain g to each writer output before the residual
+add): RMSNorm(x) = g * x / rms(x), so RMSNorm(x) . r = x . (g * r) / rms(x). Removing r from x does
+not remove it from the stream; removing r' = normalize(g * r) does, exactly, whatever rms(x) is.
+Each direction is mapped to r' before the combination (``merged`` maps the merged direction;
+``subspace`` spans the mapped directions), so the writer output loses the fraction w of its
+component along r' and, at w = 1, the stream gets no component along r. ``sum`` and
+``sequential`` remove a span exactly only for orthonormal directions, and the mapped directions
+g * r_i are generally not orthogonal even when the r_i are: on post-norm writers only ``merged``
+and ``subspace`` make the stream exactly orthogonal at w = 1.
+
+``norm_preserving``: after the edit every written vector (the slice of the weight along its
+residual axis: a column of an nn.Linear weight, an expert's column of the fused tensor, a row of
+the embedding; a bias is one vector) is rescaled to its original norm. Rescaling keeps directions,
+so at w = 1 the vectors stay orthogonal to r.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from abliterate.architectures import ResidualWriters, Writer
+from abliterate.config import CHOICES, AblationConfig
+
+COMPUTE_DTYPE = torch.float32  # edits are computed in float32 and cast back to the parameter dtype
+_BUILD_DTYPE = torch.float64  # the small (d_model, rank) factors are built in float64
+_MIN_DIRECTION_NORM = 1e-8
+
+
+class AblationError(ValueError):
+    """Invalid directions, scales or options for an ablation."""
+
+
+@dataclass(frozen=True)
+class ResidualProjection:
+    """The linear map M = I - left @ right^T on d_model vectors.
+
+    Attributes:
+        left: (d_model, rank) factor U.
+        right: (d_model, rank) factor V.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def apply(self, tensor: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """Apply M along ``axis`` of ``tensor``; returns float32 (COMPUTE_DTYPE)."""
+        moved = tensor.movedim(axis, -1).to(COMPUTE_DTYPE)  # (..., d_model)
+        left = self.left.to(device=tensor.device, dtype=COMPUTE_DTYPE)
+        right = self.right.to(device=tensor.device, dtype=COMPUTE_DTYPE)
+        # M x = x - U (V^T x), written for row vectors: x - (x V) U^T
+        edited = moved - (moved @ right) @ left.T
+        return edited.movedim(-1, axis)
+
+    def matrix(self) -> torch.Tensor:
+        """M as a dense (d_model, d_model) float64 matrix, for tests and diagnostics."""
+        identity = torch.eye(self.left.shape[0], dtype=_BUILD_DTYPE, device=self.left.device)
+        return identity - self.left.to(_BUILD_DTYPE) @ self.right.to(_BUILD_DTYPE).T
+
+
+def build_residual_projection(
+    directions: torch.Tensor,
+    cfg: AblationConfig,
+    scales: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+) -> ResidualProjection:
+    """Combine k directions into the map M = I - U V^T that the edit applies to a writer.
+
+    Args:
+        directions: (k, d_model) directions; normalised here, so their norms do not matter.
+        cfg: ablation options (weight, combine, direction_norm).
+        scales: (k,) relative scales |d_i| / mean activation norm, required iff
+            ``cfg.direction_norm == "relative"``.
+        gain: (d_model,) gain g of an RMSNorm applied to the writer output before the residual
+            add; each direction r is then replaced by normalize(g * r).
+
+    Returns:
+        The projection, with float64 factors on the directions' device.
+
+    Raises:
+        AblationError: bad shapes, non-finite or zero-norm directions, bad scales or options.
+    """
+    _check_config(cfg)
+    unit = _normalize_directions(directions)  # (k, d_model) float64
+    strengths = _direction_strengths(cfg, scales, unit.shape[0]).to(unit.device)  # (k,)
+    if gain is not None:
+        gain = gain.to(device=unit.device, dtype=_BUILD_DTYPE)
+        if gain.shape != (unit.shape[1],) or not torch.isfinite(gain).all():
+            raise AblationError(f"post-norm gain must be finite with shape ({unit.shape[1]},)")
+
+    def through_gain(vectors: torch.Tensor) -> torch.Tensor:
+        # (RMSNorm(x)) . r = x . (g r) / rms(x): project g r out of the writer instead of r
+        if gain is None:
+            return vectors
+        return _normalize_directions(vectors * gain, what="gain-mapped direction")
+
+    if cfg.combine == "merged":
+        total = unit.sum(dim=0)
+        if total.norm() < _MIN_DIRECTION_NORM * unit.shape[0]:
+            raise AblationError("the unit directions sum to zero; merged direction undefined")
+        merged = through_gain(_normalize_directions(total[None, :]))[0]  # (d_model,)
+        strength = _shared_strength(strengths)
+        return ResidualProjection(left=strength * merged[:, None], right=merged[:, None])
+    mapped = through_gain(unit)  # (k, d_model)
+    if cfg.combine == "sum":
+        return ResidualProjection(left=(strengths[:, None] * mapped).T, right=mapped.T)
+    if cfg.combine == "sequential":
+        # P_i M = (I - a r r^T)(I - U V^T) = I - [U, a r] [V, M^T r]^T
+        left_columns: list[torch.Tensor] = []
+        right_columns: list[torch.Tensor] = []
+        for strength, direction in zip(strengths, mapped, strict=True):
+            if left_columns:
+                left, right = torch.stack(left_columns, 1), torch.stack(right_columns, 1)
+                transposed_image = direction - right @ (left.T @ direction)  # M^T r
+            else:
+                transposed_image = direction
+            left_columns.append(strength * direction)
+            right_columns.append(transposed_image)
+        return ResidualProjection(
+            left=torch.stack(left_columns, 1), right=torch.stack(right_columns, 1)
+        )
+    # subspace: orthonormal basis of the span from the SVD, rank by numpy's matrix_rank tolerance
+    _, singular_values, right_vectors = torch.linalg.svd(mapped, full_matrices=False)
+    tolerance = singular_values[0] * max(mapped.shape) * torch.finfo(_BUILD_DTYPE).eps
+    rank = int((singular_values > tolerance).sum())
+    basis = right_vectors[:rank].T  # (d_model, rank)
+    return ResidualProjection(left=_shared_strength(strengths) * basis, right=basis)
+
+
+@dataclass(eq=False)
+class WeightEdit:
+    """Handle on an in-place weight edit; ``restore()`` puts back the exact original bits.
+
+    Only the parameters the edit touched are copied. A tied embedding is not edited in place:
+    the embedding module gets a new edited Parameter while the lm_head keeps the original one
+    (untied, so logits are not edited), and restore puts the original Parameter object back on
+    the embedding, re-establishing ``lm_head.weight is embedding.weight``. Calling
+    ``model.tie_weights()`` during the edit would re-tie the lm_head to the edited copy.
+
+    Usable as a context manager: the edit is restored on exit.
+    """
+
+    originals: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    swapped: dict[str, tuple[nn.Module, str, nn.Parameter]] = field(default_factory=dict)
+    restored: bool = False
+
+    @property
+    def touched(self) -> list[str]:
+        """Full names of the parameters this edit changed."""
+        return [*self.originals, *self.swapped]
+
+    def restore(self) -> None:
+        """Put back the original bits of every touched parameter (idempotent)."""
+        if self.restored:
+            return
+        with torch.no_grad():
+            for parameter, original in self.originals.values():
+                parameter.copy_(original)
+        for module, name, original_parameter in self.swapped.values():
+            setattr(module, name, original_parameter)
+        self.originals.clear()
+        self.swapped.clear()
+        self.restored = True
+
+    def __enter__(self) -> WeightEdit:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+
+def apply_weight_ablation(
+    writers: ResidualWriters,
+    directions: torch.Tensor,
+    layer: int,
+    cfg: AblationConfig,
+    scales: torch.Tensor | None = None,
+) -> WeightEdit:
+    """Edit the residual writers in place: ``W <- M W`` along each writer's residual axis.
+
+    Args:
+        writers: from ``resolve_residual_writers(model)``.
+        directions: (k, d_model) refusal directions of the tested layer.
+        layer: the tested layer (negative counts from the end); with ``cfg.scope == "layer"``
+            only its writers are edited.
+        cfg: ablation options; ``cfg.mode`` is not read here.
+        scales: (k,) relative scales, required iff ``cfg.direction_norm == "relative"``.
+
+    Returns:
+        A handle whose ``restore()`` (or context exit) undoes the edit bit-exactly. On an error
+        midway the partial edit is restored before raising.
+    """
+    _check_directions(directions, writers.d_model)
+    selected = select_writers(writers, layer, cfg)
+    edit = WeightEdit()
+    projection = build_residual_projection(directions, cfg, scales)
+    try:
+        with torch.no_grad():
+            for writer in selected:
+                gain = writer.post_norm_gain()
+                writer_projection = (
+                    projection
+                    if gain is None
+                    else build_residual_projection(directions, cfg, scales, gain)
+                )
+                _edit_writer(writer, writer_projection, cfg.norm_preserving, writers, edit)
+    except BaseException:
+        edit.restore()
+        raise
+    return edit
+
+
+@contextmanager
+def ablation_hooks(
+    model: nn.Module,
+    writers: ResidualWriters,
+    directions: torch.Tensor,
+    layer: int,
+    cfg: AblationConfig,
+    scales: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Apply the same edit at inference time: M on each selected writer's output.
+
+    Hooks sit on the writer modules (nn.Linear, the fused experts module, whose output is a
+    routing-weighted sum of expert outputs and so transforms like one writer, and the embedding),
+    i.e. before any post-writer norm. ``norm_preserving`` is implemented for nn.Linear writers
+    (an input pre-hook scales input unit j by |W_j| / |M W_j|, the weight-mode column rescaling)
+    and for the embedding (the output row of token v is scaled by its row ratio). A tied lm_head
+    is unaffected: only the embedding's forward is hooked.
+
+    Args:
+        model: the model the writers were resolved from; every hook point is checked against it.
+        writers, directions, layer, cfg, scales: as in ``apply_weight_ablation``.
+
+    Raises:
+        AblationError: a hook point does not resolve in ``model``.
+        NotImplementedError: ``norm_preserving`` with fused experts (the per-expert inputs are
+            internal to the experts module).
+    """
+    _check_directions(directions, writers.d_model)
+    selected = select_writers(writers, layer, cfg)
+    for writer in selected:
+        try:
+            resolved = model.get_submodule(writer.path)
+        except AttributeError as error:
+            raise AblationError(
+                f"hook point {writer.path!r} does not resolve in the model"
+            ) from error
+        if resolved is not writer.module:
+            raise AblationError(f"hook point {writer.path!r} is not the resolved writer module")
+        if cfg.norm_preserving and writer.kind == "fused_experts":
+            raise NotImplementedError(
+                f"norm_preserving in hooks mode is not implemented for fused experts "
+                f"({writer.path}); use mode=weights"
+            )
+    projection = build_residual_projection(directions, cfg, scales)
+    with ExitStack() as stack:
+        for writer in selected:
+            gain = writer.post_norm_gain()
+            writer_projection = (
+                projection
+                if gain is None
+                else build_residual_projection(directions, cfg, scales, gain)
+            )
+            for handle in _register_writer_hooks(writer, writer_projection, cfg.norm_preserving):
+                stack.callback(handle.remove)
+        yield
+
+
+@contextmanager
+def apply_ablation(
+    model: nn.Module,
+    writers: ResidualWriters,
+    directions: torch.Tensor,
+    layer: int,
+    cfg: AblationConfig,
+    scales: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Ablate for the duration of a ``with`` block, by weights or hooks as ``cfg.mode`` says."""
+    if cfg.mode == "weights":
+        with apply_weight_ablation(writers, directions, layer, cfg, scales):
+            yield
+    elif cfg.mode == "hooks":
+        with ablation_hooks(model, writers, directions, layer, cfg, scales):
+            yield
+    else:
+        raise AblationError(
+            f"ablation.mode={cfg.mode!r} is not valid; choose one of {CHOICES['ablation.mode']}"
+        )
+
+
+def select_writers(writers: ResidualWriters, layer: int, cfg: AblationConfig) -> list[Writer]:
+    """The writers an ablation edits: every layer's or the tested layer's, plus the embedding.
+
+    The embedding is included whenever ``cfg.embeddings`` is set, whatever the scope: it belongs
+    to no layer.
+    """
+    _check_config(cfg)
+    index = resolve_layer_index(layer, writers.num_layers)
+    if cfg.scope == "all":
+        selected = writers.all_layer_writers()
+    else:
+        selected = list(writers.layers[index].writers)
+    if cfg.embeddings:
+        selected.append(writers.embedding)
+    return selected
+
+
+def resolve_layer_index(layer: int, num_layers: int) -> int:
+    """A 0-based layer index; negative values count from the end."""
+    index = layer + num_layers if layer < 0 else layer
+    if not 0 <= index < num_layers:
+        raise AblationError(f"layer {layer} is out of range for a model with {num_layers} layers")
+    return index
+
+
+def _edit_writer(
+    writer: Writer,
+    projection: ResidualProjection,
+    norm_preserving: bool,
+    writers: ResidualWriters,
+    edit: WeightEdit,
+) -> None:
+    tied = writer.kind == "embedding" and _is_tied(writers)
+    parameters = [(writer.parameter_name, writer.weight, writer.residual_axis)]
+    bias = writer.bias
+    if writer.bias_name is not None and bias is not None:
+        parameters.append((writer.bias_name, bias, bias.ndim - 1))
+    for name, parameter, axis in parameters:
+        full_name = f"{writer.path}.{name}"
+        if full_name in edit.originals or full_name in edit.swapped:
+            raise AblationError(f"{full_name} selected twice")
+        edited = projection.apply(parameter, axis)
+        if norm_preserving:
+            edited = _rescale_written_vectors(edited, parameter, axis)
+        if not torch.isfinite(edited).all():
+            raise AblationError(f"the edit of {full_name} is not finite")
+        edited = edited.to(parameter.dtype)
+        if tied:
+            # untie: the embedding gets the edited copy, the lm_head keeps the original tensor
+            replacement = nn.Parameter(edited, requires_grad=parameter.requires_grad)
+            edit.swapped[full_name] = (writer.module, name, parameter)
+            setattr(writer.module, name, replacement)
+        else:
+            edit.originals[full_name] = (parameter, parameter.detach().clone())
+            parameter.copy_(edited)
+
+
+def _rescale_written_vectors(
+    edited: torch.Tensor, original: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """Rescale each slice along ``axis`` (a written vector) back to its original norm."""
+    return edited * _written_vector_ratios(edited, original, axis)
+
+
+def _written_vector_ratios(edited: torch.Tensor, original: torch.Tensor, axis: int) -> torch.Tensor:
+    """|original slice| / |edited slice| along ``axis``, keepdim; 1 where the edit left zero."""
+    original_norms = original.to(COMPUTE_DTYPE).norm(dim=axis, keepdim=True)
+    edited_norms = edited.norm(dim=axis, keepdim=True)
+    # a vector removed entirely (edited norm 0) stays zero rather than dividing by zero
+    return torch.where(
+        edited_norms > 0, original_norms / edited_norms, torch.ones_like(edited_norms)
+    )
+
+
+def _register_writer_hooks(
+    writer: Writer, projection: ResidualProjection, norm_preserving: bool
+) -> list[torch.utils.hooks.RemovableHandle]:
+    handles = []
+    input_ratio = None  # (in,) for nn.Linear writers
+    row_ratio = None  # (vocab,) for the embedding
+    bias_correction = None  # (d_model,) makes M b into c_b M b for a norm-preserved bias
+    if norm_preserving:
+        with torch.no_grad():
+            weight = writer.weight
+            edited = projection.apply(weight, writer.residual_axis)
+            ratio = _written_vector_ratios(edited, weight, writer.residual_axis)
+            ratio = ratio.squeeze(writer.residual_axis)
+            if writer.kind == "linear":
+                input_ratio = ratio  # weight (d_model, in): one ratio per input unit
+            elif writer.kind == "embedding":
+                row_ratio = ratio  # weight (vocab, d_model): one ratio per token
+            if writer.bias is not None:
+                projected_bias = projection.apply(writer.bias, -1)
+                bias_ratio = _rescale_written_vectors(projected_bias, writer.bias, -1)
+                bias_correction = bias_ratio - projected_bias  # (c_b - 1) M b
+
+    def scale_input(module: nn.Module, args: tuple) -> tuple:
+        assert input_ratio is not None
+        (hidden,) = args[:1]
+        scaled = hidden * input_ratio.to(device=hidden.device, dtype=hidden.dtype)
+        return (scaled, *args[1:])
+
+    def project_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"{writer.path} returned {type(output).__name__}, not a tensor")
+        projected = projection.apply(output, -1)  # (..., d_model)
+        if row_ratio is not None:
+            token_ids = args[0]
+            projected = projected * row_ratio.to(output.device)[token_ids][..., None]
+        if bias_correction is not None:
+            projected = projected + bias_correction.to(output.device)
+        return projected.to(output.dtype)
+
+    try:
+        if input_ratio is not None:
+            handles.append(writer.module.register_forward_pre_hook(scale_input))
+        handles.append(writer.module.register_forward_hook(project_output))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+def _is_tied(writers: ResidualWriters) -> bool:
+    lm_head_weight = getattr(writers.lm_head, "weight", None)
+    return lm_head_weight is not None and lm_head_weight is writers.embedding.weight
+
+
+def _normalize_directions(directions: torch.Tensor, what: str = "direction") -> torch.Tensor:
+    directions = directions.to(_BUILD_DTYPE)
+    norms = directions.norm(dim=1)  # (k,)
+    degenerate = (norms < _MIN_DIRECTION_NORM).nonzero().flatten().tolist()
+    if degenerate:
+        raise AblationError(
+            f"{what}s {degenerate} have zero norm; report degenerate directions and drop them "
+            "before ablating"
+        )
+    return directions / norms[:, None]
+
+
+def _check_directions(directions: torch.Tensor, d_model: int) -> None:
+    if not isinstance(directions, torch.Tensor) or directions.ndim != 2:
+        raise AblationError("directions must be a (k, d_model) tensor")
+    if directions.shape[0] < 1 or directions.shape[1] != d_model:
+        raise AblationError(
+            f"directions have shape {tuple(directions.shape)}; expected (k >= 1, {d_model})"
+        )
+    if not directions.is_floating_point() or not torch.isfinite(directions).all():
+        raise AblationError("directions must be finite floating-point values")
+
+
+def _direction_strengths(
+    cfg: AblationConfig, scales: torch.Tensor | Sequence[float] | None, count: int
+) -> torch.Tensor:
+    """a_i = w (unit) or w s_i^2 (relative): the projection strength of each direction."""
+    if cfg.direction_norm == "unit":
+        if scales is not None:
+            raise AblationError("scales were given but ablation.direction_norm='unit'")
+        return torch.full((count,), float(cfg.weight), dtype=_BUILD_DTYPE)
+    if scales is None:
+        raise AblationError("ablation.direction_norm='relative' needs per-direction scales")
+    scales = torch.as_tensor(scales, dtype=_BUILD_DTYPE).cpu()
+    if scales.shape != (count,) or not torch.isfinite(scales).all() or (scales <= 0).any():
+        raise AblationError(
+            f"scales must be {count} finite positive numbers, got {scales.tolist()}"
+        )
+    return float(cfg.weight) * scales**2
+
+
+def _shared_strength(strengths: torch.Tensor) -> torch.Tensor:
+    """One strength for merged/subspace: w mean(s_i^2), i.e. the mean of the a_i."""
+    return strengths.mean()
+
+
+def _check_config(cfg: AblationConfig) -> None:
+    for key in ("scope", "combine", "direction_norm"):
+        allowed = CHOICES[f"ablation.{key}"]
+        if getattr(cfg, key) not in allowed:
+            raise AblationError(
+                f"ablation.{key}={getattr(cfg, key)!r} is not valid; choose one of {allowed}"
+            )
+    if not isinstance(cfg.weight, (int, float)) or not math.isfinite(cfg.weight) or cfg.weight < 0:
+        raise AblationError(f"ablation.weight={cfg.weight!r} must be a finite number >= 0")
