@@ -27,8 +27,12 @@ install: $(STAMP) ## Create .venv and install everything (pinned by constraints.
 model: install ## Build the embedded refusing model if it is not cached, and print its card
 	$(PY) -m abliterate.refuser build
 
-demo: model ## Install, build the model, run the demo
-	$(PY) -m abliterate.demo $(ARGS)
+DEMO_DIR    ?= multirun/demo
+DEMO_LAYERS ?= 18,22,26
+
+demo: model ## Install, build the model, run a small matched-vs-unmatched sweep and its report
+	$(PY) run.py -m experiment=smollm2_demo baseline=matched,unmatched layer=$(DEMO_LAYERS) hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
+	$(PY) -m abliterate.report $(DEMO_DIR)
 
 test: install ## Install, then run the whole test suite (slow tests included)
 	$(PY) -m pytest -q $(ARGS)

@@ -126,3 +126,32 @@ def test_bad_option_fails_before_loading(tiny_model_dir, tmp_path):
         ConfigError, match="ablation.combine='average' is not valid; choose one of merged, sum"
     ):
         run_trial(cfg, session=Session())
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_export_saves_a_loadable_abliterated_model(tiny_model_dir, tmp_path, embeddings):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.ablation import apply_ablation
+    from abliterate.directions import load_directions
+
+    cfg = compose_trial(
+        tiny_model_dir, tmp_path, "export=true", f"ablation.embeddings={embeddings}"
+    )
+    session = Session()
+    results = run_trial(cfg, session=session)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    assert (tmp_path / "out" / "model" / "abliteration_card.json").is_file()
+    directions = load_directions(tmp_path / "out" / "directions.safetensors")
+    ids = torch.tensor([[5, 17, 33, 40, 2]])
+    model, writers = session.loaded.model, session.writers
+    with torch.no_grad():
+        original = model(ids).logits
+        with apply_ablation(
+            model, writers, directions.vectors, results["trial"]["layer"], cfg.ablation
+        ):
+            ablated = model(ids).logits
+        reloaded = exported(ids).logits
+    assert torch.allclose(reloaded, ablated, atol=1e-5)
+    assert not torch.allclose(reloaded, original, atol=1e-4)

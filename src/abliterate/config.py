@@ -39,6 +39,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     trust_remote_code: bool = False  # only run a model's own Python code when asked to
+    allow_pickle: bool = False  # load .bin (pickle) checkpoints; default: safetensors only
     revision: str | None = None  # hub revision (branch, tag or commit)
     disable_thinking: bool = True  # pass enable_thinking=False to chat templates that support it
     system_prompt: str | None = None  # None keeps the template's own default system prompt
@@ -125,14 +126,16 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # wandb | none
-    project: str = "abliterate"
-    entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
-    group: str | None = None  # defaults to the sweep's name
-    tags: list[str] = field(default_factory=list)
-    job_type: str = "trial"
-    init_timeout_s: float = 20.0
+    name: str = "none"  # wandb | none (results.json and friends are written either way)
+    project: str = "abliterate"  # W&B project
+    entity: str | None = None  # W&B team or user; None: the account's default entity
+    mode: str = "offline"  # offline (local, `wandb sync` later) | online | disabled
+    group: str | None = None  # None: the sweep's directory (multirun) or the run directory
+    tags: list[str] = field(default_factory=list)  # W&B run tags
+    job_type: str = "trial"  # W&B job type
+    init_timeout_s: float = 20.0  # seconds wandb.init may take before falling back (W&B: 90)
+    finish_timeout_s: float = 120.0  # seconds run.finish may spend uploading (0: no limit)
+    completions_sample: int = 48  # rows of completions.jsonl logged as a table (0: none)
 
 
 @dataclass

@@ -12,7 +12,23 @@ from abliterate.models import LoadedModel
 def export_model(loaded: LoadedModel, directory: Path, results: dict[str, Any]) -> Path:
     """Save the model as it is now (call inside the ablation) so ``from_pretrained`` loads it."""
     directory.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(directory, safe_serialization=True)
+    model = loaded.model
+    config = model.config
+    tied_in_config = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    output_embeddings = model.get_output_embeddings()
+    untied = (
+        output_embeddings is not None
+        and output_embeddings.weight is not model.get_input_embeddings().weight
+    )
+    if tied_in_config and untied:
+        # The edit gave the embedding its own (edited) weight while the head kept the original:
+        # save both, or loading would tie the head to the edited embedding.
+        config.get_text_config().tie_word_embeddings = False
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if tied_in_config and untied:
+            config.get_text_config().tie_word_embeddings = True
     loaded.tokenizer.save_pretrained(directory)
     card = {
         "source_model": results["trial"]["model"],

@@ -104,7 +104,8 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
-            use_safetensors=None if Path(cfg.path).is_dir() else True,
+            # pickled (.bin) checkpoints can run code on load: only when explicitly allowed
+            use_safetensors=None if cfg.allow_pickle else True,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision

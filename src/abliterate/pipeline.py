@@ -364,7 +364,23 @@ def run_trial(
 
 def main(cfg: DictConfig) -> float:
     """The Hydra task: run a trial, print its summary, return the harmful refusal rate (the value
-    an optimizing sweeper minimizes)."""
-    results = run_trial(cfg)
-    print(records.format_summary(results), flush=True)
+    an optimizing sweeper minimizes).
+
+    Tracking starts before the trial (W&B sees its duration and whether it failed), logs only
+    after results.json is written, and ends in ``finally``; a W&B failure is a warning.
+    """
+    from abliterate import tracking
+
+    validate_config(cfg)  # a typo fails before a W&B run is started for it
+    output_dir = Path(cfg.paths.output_dir)
+    skipped = records.read_complete_results(output_dir) is not None and not cfg.force
+    tracker = tracking.Tracker() if skipped else tracking.start_tracking(cfg, output_dir)
+    exit_code = 1
+    try:
+        results = run_trial(cfg, output_dir)
+        print(records.format_summary(results), flush=True)
+        tracker.log_trial(output_dir)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
     return float(results["eval"]["refusal_rate"])

@@ -1,0 +1,357 @@
+"""W&B tracking of a trial: what an offline run records, read back from its run directory and
+checked against results.json; and W&B broken on purpose never costs a result or leaves a process.
+
+Nothing here touches the network: online mode is only ever pointed at a closed port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hydra import compose, initialize_config_dir
+
+from abliterate import tracking
+from abliterate.config import ConfigError, register_configs
+from abliterate.pipeline import main
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    from tiny_models import single_torch_thread
+
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path, monkeypatch):
+    """No W&B credentials, host or directories from the environment; $HOME is an empty folder so
+    that anything W&B would write there shows up."""
+    for variable in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR",
+                     "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_ENTITY", "WANDB_PROJECT"):  # fmt: skip
+        monkeypatch.delenv(variable, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    yield home
+    assert not wandb_children(), "a W&B helper process outlived the trial"
+    written = [p for p in home.rglob("*") if "wandb" in p.name.lower()]
+    assert not written, f"W&B wrote into $HOME: {written}"
+
+
+def wandb_children() -> list[str]:
+    names = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name().startswith("wandb"):
+                names.append(f"{child.pid}:{child.name()}")
+        except psutil.Error:
+            continue
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from conftest import build_char_tokenizer
+    from tiny_models import build_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model("llama", seed=0)
+    tokenizer = build_char_tokenizer()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # activations and baseline evaluation, shared
+
+
+def compose_trial(tiny_model_dir: Path, cache_dir: Path, output_dir: Path, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                "model=hub",
+                f"model.path={tiny_model_dir}",
+                "model.name=tiny-llama",
+                "model.default_layer=1",
+                "model.dtype=float32",
+                "model.device=cpu",
+                "eval=quick",
+                "eval.max_new_tokens=8",
+                "extraction.iterations=200",
+                "data.harmful_train.per_category=4",
+                "data.matched_train.per_category=4",
+                "data.unmatched_train.limit=24",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
+
+
+def wandb_cli(*args: str) -> str:
+    executable = Path(sys.executable).with_name("wandb")
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "wandb"]
+    done = subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout
+
+
+def inspect_summary(run_dir: Path) -> dict:
+    """Config, summary, state and exit code of a run, from its .wandb log."""
+    return json.loads(wandb_cli("leet", "inspect", "--summary", "--json", str(run_dir)))
+
+
+def inspect_records(run_dir: Path) -> list[dict]:
+    """Every record of a run's .wandb log."""
+    output = wandb_cli("leet", "inspect", "--json", str(run_dir))
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def run_dirs(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "wandb").glob("*run-*"))
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wandb_env):
+    out = tmp_path / "out"
+    cfg = compose_trial(
+        tiny_model_dir, cache_dir, out, "logger=wandb", "baseline=matched", "ablation.weight=0.8",
+        "logger.tags=[test,tiny]",
+    )  # fmt: skip
+    main(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete"
+    (run_dir,) = run_dirs(out)
+    assert run_dir.name.startswith("offline-run-")
+    # W&B's staging, cache and logs stay in the trial directory
+    assert list((out / "wandb" / "data").rglob("*")), "artifact staging is not in the trial dir"
+    assert os.environ.get("WANDB_DATA_DIR") is None, "the trial's W&B directories leaked"
+
+    summary = inspect_summary(run_dir)
+    assert summary["state"] == "finished" and summary["exit_code"] == 0
+    assert summary["project"] == "abliterate" and summary["name"] == out.name
+    assert sorted(summary["tags"]) == ["test", "tiny"]
+    config = summary["config"]
+    assert config["baseline"]["name"] == "matched" and config["ablation"]["weight"] == 0.8
+    assert config["trial"] == results["trial"]  # layer, weight, baseline ... as config columns
+
+    metrics = summary["summary"]
+    expected = tracking.trial_metrics(results)
+    assert {"eval/refusal_rate", "eval/kl_divergence", "geometry/capture",
+            "geometry/norm_ratio_matched_to_unmatched", "timing/total",
+            "baseline/refusal_rate"} <= set(expected)  # fmt: skip
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    for category, rate in results["eval"]["refusal_rate_by_category"].items():
+        assert metrics[f"eval/refusal_rate_by_category/{category}"] == pytest.approx(rate)
+
+    files = run_dir / "files"
+    table = json.loads((files / metrics[tracking.CATEGORY_TABLE]["path"]).read_text())
+    assert table["columns"] == tracking.CATEGORY_COLUMNS
+    by_category = {row[0]: row for row in table["data"]}
+    assert set(by_category) == set(results["eval"]["refusal_rate_by_category"])
+    for category, rate in results["eval"]["refusal_rate_by_category"].items():
+        assert by_category[category][2] == pytest.approx(rate)
+    assert sum(row[1] for row in table["data"]) == results["eval"]["n_harmful"]
+
+    completions = [
+        json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()
+    ]
+    table = json.loads((files / metrics[tracking.COMPLETIONS_TABLE]["path"]).read_text())
+    assert table["columns"] == tracking.COMPLETION_COLUMNS
+    assert len(table["data"]) == min(48, len(completions))
+    assert {row[0] for row in table["data"]} == {"harmful", "matched", "unmatched"}
+    known = {(row["prompt"], row["response"]) for row in completions}
+    assert all((row[4], row[5]) in known for row in table["data"])
+
+    for key in ("geometry/direction_cosines", "geometry/contrast"):
+        image = metrics[key]
+        assert image["_type"] == "image-file"
+        assert (files / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plots" / "direction_cosines.png").is_file()
+
+    records = inspect_records(run_dir)
+    (run_record,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run_record["run_group"] == str(out)  # no Hydra here: the trial directory
+    assert run_record["job_type"] == "trial"
+    artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    (directions,) = [a for a in artifacts if a["type"] == "directions"]
+    assert directions["name"] == tracking.artifact_name(results)
+    assert directions["name"] == "directions-tiny-llama-matched-som_per_class-L1"
+    (entry,) = directions["manifest"]["contents"]
+    assert entry["path"] == "directions.safetensors"
+    md5 = hashlib.md5((out / "directions.safetensors").read_bytes()).digest()
+    assert entry["digest"] == base64.b64encode(md5).decode()
+    assert Path(entry["local_path"]).read_bytes() == (out / "directions.safetensors").read_bytes()
+    assert json.loads(directions["metadata"])["layer"] == results["trial"]["layer"]
+
+
+def test_broken_wandb_falls_back_offline_and_keeps_every_record(
+    tiny_model_dir, cache_dir, tmp_path, monkeypatch, caplog
+):
+    port = closed_port()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # fake
+    out = tmp_path / "out"
+    cfg = compose_trial(
+        tiny_model_dir, cache_dir, out, "logger=wandb", "logger.mode=online",
+        "logger.init_timeout_s=3",
+    )  # fmt: skip
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="abliterate.tracking"):
+        main(cfg)
+    elapsed = time.perf_counter() - start
+    # wandb's defaults would hang ~100 s; here: identity lookup (~10 s) + 3 s init + the trial
+    assert elapsed < 60, elapsed
+    for name in ("results.json", "completions.jsonl", "directions.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "abliterate.tracking"]
+    assert len(warnings) == 1, warnings
+    assert "online init failed" in warnings[0] and "offline" in warnings[0]
+    assert f"127.0.0.1:{port}" in warnings[0]  # says what failed
+    offline = [d for d in run_dirs(out) if d.name.startswith("offline-run-")]
+    assert len(offline) == 1
+    summary = inspect_summary(offline[0])
+    assert summary["state"] == "finished"
+    assert "eval/refusal_rate" in summary["summary"]
+
+
+def test_wandb_that_cannot_start_at_all_means_no_tracking(
+    tiny_model_dir, cache_dir, tmp_path, monkeypatch, caplog
+):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("service crashed\nsecond line")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    out = tmp_path / "out"
+    cfg = compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb")
+    with caplog.at_level(logging.WARNING, logger="abliterate.tracking"):
+        main(cfg)
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "abliterate.tracking"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "offline init failed (RuntimeError: service crashed)" in warnings[0]
+    assert "no tracking" in warnings[0]
+
+
+def test_failure_while_logging_warns_once_and_finishes(
+    tiny_model_dir, cache_dir, tmp_path, monkeypatch, caplog
+):
+    def broken(self, *args):
+        raise OSError("W&B service went away")
+
+    monkeypatch.setattr(tracking.WandbTracker, "_log_metrics", broken)
+    out = tmp_path / "out"
+    cfg = compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb")
+    with caplog.at_level(logging.WARNING, logger="abliterate.tracking"):
+        main(cfg)
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "abliterate.tracking"]
+    assert len(warnings) == 1 and "logging (metrics) failed" in warnings[0], warnings
+    summary = inspect_summary(run_dirs(out)[0])
+    assert summary["state"] == "finished" and "trial" in summary["config"]
+    assert "eval/refusal_rate" not in summary["summary"]  # the rest was skipped
+
+
+def test_a_failing_trial_ends_its_run_as_failed(tiny_model_dir, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb", "layer=7")
+    with pytest.raises(ConfigError, match="layer=7"):
+        main(cfg)
+    assert not wandb_children()
+    (run_dir,) = run_dirs(out)
+    assert inspect_summary(run_dir)["exit_code"] == 1
+
+
+def test_logger_none_and_complete_trials_start_no_run(tiny_model_dir, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    main(compose_trial(tiny_model_dir, cache_dir, out, "logger=none"))
+    assert (out / "results.json").is_file() and not (out / "wandb").exists()
+    # a complete trial is read back, not rerun, and not logged again
+    main(compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb"))
+    assert not (out / "wandb").exists()
+
+
+def test_wandb_is_the_default_logger_and_offline(tiny_model_dir, cache_dir, tmp_path):
+    cfg = compose_trial(tiny_model_dir, cache_dir, tmp_path / "out")
+    assert cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+
+
+def test_metrics_are_namespaced_scalars_without_nan():
+    results = {
+        "eval": {"refusal_rate": 0.5, "kl_divergence": float("nan"), "kl_top_k": None,
+                 "refusal_rate_by_category": {"harassment": 0.25}},
+        "geometry": {"capture": 0.7, "direction_cosines": [[1.0]], "per_category": {}},
+        "timing_s": {"total": 3.0},
+        "baseline_eval": {"refusal_rate": 1.0},
+        "directions": {"count": 3, "norms": [1.0], "degenerate": 0},
+        "cache": {"activations": "hit"},
+        "trial": {"norm_preserving": False},
+    }  # fmt: skip
+    assert tracking.trial_metrics(results) == {
+        "eval/refusal_rate": 0.5,
+        "eval/refusal_rate_by_category/harassment": 0.25,
+        "geometry/capture": 0.7,
+        "timing/total": 3.0,
+        "baseline/refusal_rate": 1.0,
+        "directions/count": 3,
+        "directions/degenerate": 0,
+    }
+    assert not any(
+        isinstance(v, float) and math.isnan(v) for v in tracking.trial_metrics(results).values()
+    )
+
+
+def test_completion_sample_covers_every_set_and_category():
+    rows = [
+        {"set": s, "category": c, "prompt": f"{s}{c}{i}"}
+        for s in ("harmful", "matched")
+        for c in ("a", "b", "c")
+        for i in range(10)
+    ]
+    sample = tracking.sample_completions(rows, 8)
+    assert len(sample) == 8
+    assert len({(r["set"], r["category"]) for r in sample}) == 6
+    assert tracking.sample_completions(rows, 0) == []
+    assert len(tracking.sample_completions(rows[:3], 10)) == 3
+
+
+def test_artifact_names_are_valid():
+    trial = {"model": "org/My Model", "baseline": "unmatched", "extraction": "som_global",
+             "orthogonalize": "svd", "layer": 12}  # fmt: skip
+    assert (
+        tracking.artifact_name({"trial": trial})
+        == "directions-My_Model-unmatched-som_global-svd-L12"
+    )
