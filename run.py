@@ -5,18 +5,32 @@ python run.py baseline=matched layer=20 ablation.weight=0.5
 python run.py -m baseline=matched,unmatched layer=range(18,24) ablation.weight=0.5,1.0
 """
 
+import errno
+
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from abliterate.config import register_configs
+from abliterate.config import ConfigError, register_configs
 from abliterate.pipeline import main
+from abliterate.prompts import PromptDataError
 
 register_configs()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> float:
-    return main(cfg)
+    try:
+        return main(cfg)
+    except (ConfigError, PromptDataError) as error:
+        # Hydra prints a compact exception as its message alone (no traceback) and exits 1; in a
+        # multirun the other trials still run and the sweep then fails naming this one
+        raise CompactHydraException(f"error: {error}") from None
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        raise CompactHydraException(f"error: {error}") from None
 
 
 if __name__ == "__main__":

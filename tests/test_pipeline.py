@@ -155,3 +155,15 @@ def test_export_saves_a_loadable_abliterated_model(tiny_model_dir, tmp_path, emb
         reloaded = exported(ids).logits
     assert torch.allclose(reloaded, ablated, atol=1e-5)
     assert not torch.allclose(reloaded, original, atol=1e-4)
+
+
+def test_layer_is_checked_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import abliterate.pipeline as pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the layer was checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    cfg = compose_trial(tiny_model_dir, tmp_path, "layer=-4")
+    with pytest.raises(ConfigError, match=r"valid: 0\.\.2 \(or -3\.\.-1\)"):
+        run_trial(cfg, session=Session())

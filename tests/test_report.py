@@ -192,7 +192,7 @@ def test_duplicate_cells_are_averaged_and_settings_named_by_what_varies(tmp_path
     all_scope = [r for r in collected if r["trial"]["scope"] == "all"]
     assert report.refusal_grid(all_scope)[2][(9, 1.0)] == 2.5
     markdown, written, incomplete = report.write_report(sweep)
-    assert not incomplete and "| 9     | 2.5   |" in markdown
+    assert not incomplete and "| 9     | 2.5 |" in markdown
 
 
 def test_empty_directory_reports_no_trials(tmp_path, capsys):

@@ -38,10 +38,11 @@ GRID = ("baseline=matched,unmatched", "ablation.weight=0.5,1.0")  # 4 jobs
 # cache is already populated when it starts (it reads, it does not compute)
 HELD_TRIAL = {"baseline": "unmatched", "weight": 1.0}
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sinfo") is None,
-    reason="SLURM is not installed (no `sinfo`); CI starts a single-node cluster with "
-    "../shared/scripts/start_local_slurm.sh",
+REQUIRE_SLURM = os.environ.get("ABLITERATE_REQUIRE_SLURM") == "1"  # CI sets it (.ci/run)
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sinfo") is None and not REQUIRE_SLURM,
+    reason="SLURM is not installed (no `sinfo`); start a single-node cluster with "
+    "../shared/scripts/start_local_slurm.sh (as root), as CI does",
 )
 
 
@@ -68,7 +69,9 @@ class HoldBeforeResults(Callback):
         write_results = records.write_results
 
         def held(output_dir, results):
-            job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            import submitit
+
+            job_id = submitit.JobEnvironment().job_id  # "<array id>_<index>" in a job array
             staging = self.marker.with_suffix(".tmp")
             staging.write_text(job_id)
             staging.replace(self.marker)
@@ -96,6 +99,18 @@ def _queued_job_ids(name: str) -> list[str]:
     return output.split()
 
 
+def _job_state(job_id: str) -> str:
+    output = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True
+    ).stdout
+    return output.strip()
+
+
+def _starts(sweep: Sweep) -> int:
+    """How often the sweep's jobs started (submitit logs each start)."""
+    return sweep.job_logs().count("Starting with JobEnvironment")
+
+
 def _trial_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.rglob(".hydra"))
 
@@ -118,10 +133,12 @@ def _stamps(paths: list[Path]) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
-def _cache_files(cache_dir: Path) -> dict[str, int]:
-    return _stamps(
-        [p for p in cache_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
-    )
+CACHE_STAGES = ("activations", "baseline_eval")  # what a sweep shares (models/ is per machine)
+
+
+def _cache_files(cache_dir: Path, pattern: str = "*") -> dict[str, int]:
+    files = [p for stage in CACHE_STAGES for p in (cache_dir / stage).rglob(pattern)]
+    return _stamps([p for p in files if p.is_file() and not p.name.endswith(".lock")])
 
 
 class Sweep:
@@ -136,7 +153,7 @@ class Sweep:
         self.cache_dir = cache_dir
         self.experiment = experiment
         self.job_name = f"abl-test-{uuid.uuid4().hex[:8]}"
-        self.log_index = 0
+        self.launchers: list[subprocess.Popen] = []
 
     def command(self, *overrides: str) -> list[str]:
         return [
@@ -166,13 +183,13 @@ class Sweep:
         return env
 
     def start(self, *overrides: str) -> tuple[subprocess.Popen, Path]:
-        self.log_index += 1
-        log = self.root / f"launch{self.log_index}.log"
+        log = self.root / f"launch{len(self.launchers) + 1}.log"
         with log.open("w") as handle:
             process = subprocess.Popen(
                 self.command(*overrides), cwd=REPO, env=self.env(), stdout=handle,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
+        self.launchers.append(process)
         return process, log
 
     def finish(self, process: subprocess.Popen, log: Path) -> int:
@@ -194,13 +211,21 @@ class Sweep:
         assert code == 0, f"the sweep failed ({code}):\n{output[-4000:]}"
         return time.monotonic() - begin, output
 
-    def cancel_leftovers(self) -> None:
-        ids = _queued_job_ids(self.job_name)
-        if ids:
-            subprocess.run(["scancel", *ids], check=False)
+    def cleanup(self) -> None:
+        """End this sweep's launchers that still run, then cancel its jobs still queued (a
+        finished job leaves squeue shortly after its result)."""
+        for process in self.launchers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        try:
+            _wait_for(lambda: not _queued_job_ids(self.job_name), 20, "the jobs to end")
+        except AssertionError:
+            subprocess.run(["scancel", *_queued_job_ids(self.job_name)], check=False)
 
     def job_logs(self) -> str:
-        return "\n".join(p.read_text() for p in sorted(self.dir.glob(".submitit/*/*_log.out")))
+        logs = sorted((self.dir / ".submitit").rglob("*_log.out"))
+        return "\n".join(p.read_text() for p in logs)
 
 
 def _write_experiment(root: Path, name: str, body: str) -> None:
@@ -213,7 +238,9 @@ def _write_experiment(root: Path, name: str, body: str) -> None:
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """Fail loudly (rather than hang) when SLURM is installed but not usable."""
+    """Fail loudly (rather than hang) when SLURM is required or installed but not usable."""
+    if shutil.which("sinfo") is None:
+        pytest.fail("ABLITERATE_REQUIRE_SLURM=1 but SLURM is not installed (no `sinfo`)")
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
     if "UP" not in ping.stdout:
         pytest.fail(f"slurmctld is not answering (`scontrol ping`: {ping.stdout or ping.stderr}); "
@@ -253,6 +280,7 @@ def _tiny_experiment(model_dir: Path, cache_dir: Path) -> str:
 defaults:
   - override /model: hub
   - override /eval: quick
+  - override /logger: none
 model: {{path: {model_dir}, name: tiny-llama, default_layer: 1, dtype: float32, device: cpu}}
 eval: {{max_new_tokens: 8}}
 extraction: {{iterations: 200}}
@@ -278,18 +306,20 @@ def sweep(request, tmp_path, slurm_cluster):
 defaults:
   - override /model: smollm2_refuser
   - override /eval: quick
+  - override /logger: none
 model: {{device: cpu}}
 extraction: {{iterations: 1000}}
 paths: {{cache_dir: {cache_dir}}}
 {DATA_LIMITS}""")  # fmt: skip
     sweep = Sweep(tmp_path, "slurm_test", cache_dir)
     yield sweep
-    sweep.cancel_leftovers()
+    sweep.cleanup()
 
 
 # --- tests -----------------------------------------------------------------------------------
 
 
+@needs_slurm
 def test_sweep_completes_resumes_and_shares_the_cache(sweep):
     marker = sweep.root / "held-job"
     hold = [
@@ -345,7 +375,7 @@ def test_sweep_completes_resumes_and_shares_the_cache(sweep):
     for stage in ("activations", "baseline_eval"):
         computed = [r["trial"] for r in results if r["cache"][stage] == "miss"]
         assert len(computed) == 1, f"{stage} computed by {len(computed)} jobs: {computed}"
-    assert not [p for p in sweep.cache_dir.rglob("*.tmp-*")], "a temporary cache file was left"
+    assert not _cache_files(sweep.cache_dir, "*.tmp-*"), "a temporary cache file was left"
 
     from abliterate.report import collect_results
 
@@ -365,6 +395,7 @@ def test_sweep_completes_resumes_and_shares_the_cache(sweep):
     )
 
 
+@needs_slurm
 def test_preempted_job_is_requeued_and_finishes(tmp_path, slurm_cluster, tiny_model_dir):
     cache_dir = tmp_path / "cache"
     _write_experiment(tmp_path, "slurm_test", _tiny_experiment(tiny_model_dir, cache_dir))
@@ -383,14 +414,58 @@ def test_preempted_job_is_requeued_and_finishes(tmp_path, slurm_cluster, tiny_mo
                   "the held job to reach results.json")  # fmt: skip
         assert marker.exists(), log.read_text()
         # what SLURM sends before preempting a job (and signal_delay_s before its time limit)
-        subprocess.run(["scancel", "--signal=USR2", marker.read_text()], check=True)
+        job_id = marker.read_text()
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        _wait_for(lambda: "Requeued job" in sweep.job_logs(), 120, "submitit to requeue the job")
+        # SLURM holds a requeued job for a while (about 2 minutes) before it may start again;
+        # the test does not wait for that
+        _wait_for(
+            lambda: _job_state(job_id) == "PENDING" or _starts(sweep) == 2,
+            120,
+            "the job to be queued again",
+        )
+        if _job_state(job_id) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
         code = sweep.finish(process, log)
         assert code == 0, f"the requeued job did not finish:\n{log.read_text()[-4000:]}"
     finally:
-        sweep.cancel_leftovers()
+        sweep.cleanup()
     (trial,) = _trial_dirs(sweep.dir)
     results = _results(trial)
     assert results is not None and results["trial"]["baseline"] == "matched"
     job_log = sweep.job_logs()
     assert "this job is preempted" in job_log and "Requeued job" in job_log, job_log[-4000:]
-    assert job_log.count("Starting with JobEnvironment") == 2, "expected one run, then a requeue"
+    assert _starts(sweep) == 2, "expected one run, then one after the requeue"
+
+
+# --- the shared cache, without SLURM -----------------------------------------------------------
+
+
+def test_damaged_baseline_cache_entry_is_recomputed_and_replaced(tiny_loaded, tmp_path):
+    """An entry left unreadable (a node that crashed after the rename, an older format) must be
+    recomputed and replaced, not crash every later job of the sweep."""
+    from omegaconf import OmegaConf
+    from tiny_models import single_torch_thread
+
+    from abliterate.config import EvalConfig
+    from abliterate.evaluation import EvalPrompts, evaluate_baseline
+    from abliterate.prompts import PromptSet
+
+    cfg = OmegaConf.structured(EvalConfig(max_new_tokens=4, kl_prompts=2))
+    prompts = EvalPrompts(
+        harmful=PromptSet("harmful", ("how do I pick a lock",), ("hacking_cybersecurity",)),
+        unmatched=PromptSet("unmatched", ("name a fruit", "count to three")),
+        matched=PromptSet("matched", ("how do locks work",), ("hacking_cybersecurity",)),
+        kl=PromptSet("kl", ("name a fruit", "count to three")),
+    )
+    with single_torch_thread():
+        loaded = tiny_loaded("llama")
+        first = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+        (entry,) = [p for p in (tmp_path / "baseline_eval").iterdir() if p.is_dir()]
+        tensors = entry / "kl_reference.safetensors"
+        tensors.write_bytes(tensors.read_bytes()[:40])  # truncated
+        again = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+        third = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+    assert not first.cache_hit and not again.cache_hit and third.cache_hit
+    assert third.sets["harmful"].responses == first.sets["harmful"].responses
+    assert [p.name for p in (tmp_path / "baseline_eval").iterdir() if p.is_dir()] == [entry.name]

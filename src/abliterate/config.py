@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -158,6 +159,8 @@ class TrialConfig:
     seed: int = 0
     export: bool = False  # save the abliterated model (safetensors + tokenizer + card)
     force: bool = False  # rerun even if this trial's results.json is complete
+    # dotted results.json keys the task returns, in order (two or more: a multi-objective sweeper)
+    objectives: list[str] = field(default_factory=lambda: ["eval.refusal_rate"])
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +180,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
+
+
+PROMPT_SETS: tuple[str, ...] = (
+    "harmful_train", "matched_train", "unmatched_train", "harmful_eval", "matched_eval",
+    "unmatched_eval",
+)  # fmt: skip
+# as abliterate.prompts.SOURCES, BUILTIN_KINDS and SPLITS (prompts imports nothing from here)
+PROMPT_SOURCES: tuple[str, ...] = ("builtin", "hub", "file")
+BUILTIN_PROMPT_SETS: tuple[str, ...] = ("harmful", "matched", "unmatched")
+BUILTIN_SPLITS: tuple[str, ...] = ("refuser_train", "extraction", "evaluation")
 
 
 class ConfigError(ValueError):
@@ -214,6 +227,49 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"extraction.top_k={top_k!r} must be >= 1 or null")
     if _get(cfg, "eval.kl_tokens") < 1:
         raise ConfigError(f"eval.kl_tokens={_get(cfg, 'eval.kl_tokens')!r} must be >= 1")
+    for key in ("model.batch_size", "eval.harmful_per_category", "eval.max_new_tokens",
+                "eval.kl_prompts"):  # fmt: skip
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 1")
+    for key in ("eval.n_unmatched", "eval.n_matched"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    for key in ("extraction.sigma", "extraction.learning_rate", "eval.kl_floor"):
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a finite number > 0")
+    for name in PROMPT_SETS:
+        source = _get(cfg, f"data.{name}.source")
+        if source not in PROMPT_SOURCES:
+            raise ConfigError(
+                f"data.{name}.source={source!r} is not valid; choose one of "
+                f"{', '.join(PROMPT_SOURCES)}"
+            )
+        path = _get(cfg, f"data.{name}.path")
+        if source == "builtin" and path not in BUILTIN_PROMPT_SETS:
+            raise ConfigError(
+                f"data.{name}.path={path!r} is not a builtin prompt set; choose one of "
+                f"{', '.join(BUILTIN_PROMPT_SETS)}"
+            )
+        split = _get(cfg, f"data.{name}.split")
+        if source == "builtin" and split is not None and split not in BUILTIN_SPLITS:
+            raise ConfigError(
+                f"data.{name}.split={split!r} is not a builtin split; choose one of "
+                f"{', '.join(BUILTIN_SPLITS)} or null"
+            )
+        if source in ("hub", "file") and not path:
+            raise ConfigError(f"data.{name}.path is required when data.{name}.source={source}")
+        if source == "file" and not Path(path).expanduser().is_file():
+            raise ConfigError(f"data.{name}.path={path!r}: no such file")
+        for key in ("limit", "per_category"):
+            value = _get(cfg, f"data.{name}.{key}")
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}.{key}={value!r} must be >= 1 or null")
+        if _get(cfg, f"data.{name}.skip_per_category") < 0:
+            raise ConfigError(
+                f"data.{name}.skip_per_category={_get(cfg, f'data.{name}.skip_per_category')!r}"
+                " must be >= 0"
+            )
     unknown = sorted(set(_get(cfg, "data.categories")) - set(HARM_CATEGORIES))
     if unknown and _get(cfg, "data.harmful_train.source") == "builtin":
         raise ConfigError(

@@ -17,12 +17,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from abliterate.classify import COMPLY, EVASIVE, REFUSE, CoherenceThresholds, classify_response
@@ -259,23 +261,24 @@ def baseline_eval_key(loaded: LoadedModel, prompts: EvalPrompts, cfg: Any) -> st
 
 
 def _load_baseline(directory: Path) -> BaselineEvaluation | None:
+    """The cached entry, or None if it is missing, damaged or of another format."""
     try:
         payload = json.loads((directory / "sets.json").read_text())
         tensors = load_file(str(directory / "kl_reference.safetensors"))
-    except (OSError, ValueError, KeyError) as error:
+        sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
+        reference = KLReference(
+            tensors["input_ids"],
+            tensors["attention_mask"],
+            tensors["positions_mask"].bool(),
+            tensors["log_probs"],
+            tensors.get("top_indices"),
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         if directory.exists():
             log.warning(
                 "baseline evaluation cache %s is unreadable (%s); recomputing", directory, error
             )
         return None
-    sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
-    reference = KLReference(
-        tensors["input_ids"],
-        tensors["attention_mask"],
-        tensors["positions_mask"].bool(),
-        tensors["log_probs"],
-        tensors.get("top_indices"),
-    )
     return BaselineEvaluation(sets, reference, cache_hit=True)
 
 
@@ -288,6 +291,11 @@ def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
     (staging / "sets.json").write_text(
         json.dumps({"sets": {k: asdict(v) for k, v in baseline.sets.items()}})
     )
+    if directory.exists():  # an unreadable entry (the caller holds the entry's lock)
+        stale = directory.with_name(f"{directory.name}.stale-{os.getpid()}")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(directory, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     os.replace(staging, directory)  # atomic: never half-written under the real name
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from abliterate.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,6 +101,17 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
         identity = f"gguf:{path.resolve()}"
     elif cfg.source == "hub":
+        local = Path(cfg.path)
+        if (
+            not cfg.allow_pickle
+            and local.is_dir()
+            and not any(local.glob("*.safetensors"))
+            and any(local.glob("*.bin"))
+        ):
+            raise ConfigError(
+                f"model.path={cfg.path} holds only pickle weights (.bin), which can run code when loaded; "
+                "convert them to safetensors or set model.allow_pickle=true"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
             dtype=dtype,

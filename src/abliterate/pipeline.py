@@ -34,9 +34,9 @@ from abliterate import evaluation as evaluation_stage
 from abliterate import geometry as geometry_stage
 from abliterate import records
 from abliterate.ablation import apply_ablation
-from abliterate.architectures import ResidualWriters, resolve_residual_writers
+from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import ConfigError, validate_config
-from abliterate.models import LoadedModel, load_model
+from abliterate.models import LoadedModel, load_model, read_model_config
 from abliterate.prompts import PromptSet, load_prompt_set
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,20 @@ def _timed(timing: dict[str, float], stage: str):
             timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - self.start
 
     return _Timer()
+
+
+def count_model_layers(model_cfg: Any) -> int:
+    """Decoder layers of the configured model, from its config file alone (no weights)."""
+    if model_cfg.source == "embedded":
+        return int(model_cfg.num_layers)  # its config is only on disk once it is built
+    return get_layer_count(read_model_config(model_cfg))
+
+
+def check_layer(layer: int, num_layers: int) -> None:
+    if not -num_layers <= layer < num_layers:
+        raise ConfigError(
+            f"layer={layer} is outside this model's layers; valid: 0..{num_layers - 1} (or -{num_layers}..-1)"
+        )
 
 
 def _load_model_stage(cfg: DictConfig, session: Session) -> LoadedModel:
@@ -169,23 +183,25 @@ def run_trial(
     if existing is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true reruns it)", output_dir)
         return existing
+    if existing is not None:
+        # a forced rerun that dies midway must not leave the old "complete" beside new files
+        records.retire_results(output_dir)
     timing: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
-    # 1. model
+    # 1-2. model and prompt sets; the layer (from the model's config file) and the prompt sets
+    # are checked before any weights load
     with _timed(timing, "load"):
+        if session.model_key != _key(cfg.model):
+            check_layer(cfg.layer, count_model_layers(cfg.model))
+        sets = _load_prompt_sets(cfg, session)
         loaded = _load_model_stage(cfg, session)
         writers = session.writers
         assert writers is not None
         num_layers = writers.num_layers
-        if not -num_layers <= cfg.layer < num_layers:
-            raise ConfigError(
-                f"layer={cfg.layer} is outside this model's layers; valid: 0..{num_layers - 1} (or -{num_layers}..-1)"
-            )
+        check_layer(cfg.layer, num_layers)
         layer = cfg.layer % num_layers
-        # 2. prompt sets
-        sets = _load_prompt_sets(cfg, session)
 
     # 3. activations
     with _timed(timing, "activations"):
@@ -362,9 +378,19 @@ def run_trial(
     return results
 
 
-def main(cfg: DictConfig) -> float:
-    """The Hydra task: run a trial, print its summary, return the harmful refusal rate (the value
-    an optimizing sweeper minimizes).
+def select_objective(results: dict[str, Any], dotted: str) -> float:
+    """A number from results by dotted key (``eval.kl_divergence``); null (NaN on disk) is NaN."""
+    node: Any = results
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"objectives entry {dotted!r} is not a key of results.json")
+        node = node[part]
+    return float("nan") if node is None else float(node)
+
+
+def main(cfg: DictConfig) -> float | list[float]:
+    """The Hydra task: run a trial, print its summary, return its ``objectives`` (by default the
+    harmful refusal rate, the value an optimizing sweeper minimizes; several for multi-objective).
 
     Tracking starts before the trial (W&B sees its duration and whether it failed), logs only
     after results.json is written, and ends in ``finally``; a W&B failure is a warning.
@@ -383,4 +409,5 @@ def main(cfg: DictConfig) -> float:
         exit_code = 0
     finally:
         tracker.finish(exit_code)
-    return float(results["eval"]["refusal_rate"])
+    values = [select_objective(results, key) for key in cfg.objectives]
+    return values[0] if len(values) == 1 else values

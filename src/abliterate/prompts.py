@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +24,8 @@ SPLITS = ("refuser_train", "extraction", "evaluation")
 # Fractions of each category (or of the unmatched pool) that go to each split, in SPLITS order.
 SPLIT_FRACTIONS = (1 / 3, 0.4, None)  # None: the rest
 SOURCES = ("builtin", "hub", "file")
+
+log = logging.getLogger(__name__)
 
 
 class PromptDataError(ValueError):
@@ -104,9 +108,15 @@ def _read_builtin_rows(kind: str) -> list[dict[str, Any]]:
     return _parse_jsonl(text, f"abliterate/data/{kind}.jsonl")
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as a text editor numbers them: split on newlines only (``str.splitlines`` also
+    splits on U+2028, U+0085 and other separators that JSON strings may hold unescaped)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _parse_jsonl(text: str, origin: str) -> list[dict[str, Any]]:
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -114,6 +124,10 @@ def _parse_jsonl(text: str, origin: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise PromptDataError(
                 f"{origin}:{line_number}: not valid JSON ({error.msg})"
+            ) from error
+        except (ValueError, RecursionError) as error:  # e.g. an over-long integer, deep nesting
+            raise PromptDataError(
+                f"{origin}:{line_number}: not valid JSON ({type(error).__name__}: {error})"
             ) from error
         if not isinstance(row, dict):
             raise PromptDataError(
@@ -175,9 +189,13 @@ def _rows_from_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PromptDataError(f"prompt file {str(path)!r} does not exist")
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as error:
+        raise PromptDataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the header
     except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        line = data[: error.start].count(b"\n") + 1
         raise PromptDataError(
             f"{path}:{line}: not valid UTF-8 (byte offset {error.start})"
         ) from error
@@ -185,22 +203,60 @@ def _rows_from_file(path: Path) -> list[dict[str, Any]]:
     if suffix in (".jsonl", ".ndjson"):
         return _parse_jsonl(text, str(path))
     if suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise PromptDataError(f"{path}: expected a JSON list of objects")
-        return [dict(row, _line=i + 1) for i, row in enumerate(data)]
+        return _rows_from_json(text, path)
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        return [dict(row, _line=i + 2) for i, row in enumerate(reader)]
+        return _rows_from_csv(text, path, "\t" if suffix == ".tsv" else ",")
     if suffix in (".txt", ""):
         return [
-            {"prompt": line, "_line": i + 1}
-            for i, line in enumerate(text.splitlines())
-            if line.strip()
+            {"prompt": line, "_line": i + 1} for i, line in enumerate(_lines(text)) if line.strip()
         ]
     raise PromptDataError(
         f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .txt"
     )
+
+
+def _rows_from_json(text: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PromptDataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+    except (ValueError, RecursionError) as error:
+        raise PromptDataError(
+            f"{path}: not valid JSON ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(data, list):
+        raise PromptDataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise PromptDataError(
+                f"{path}: item {index + 1} of the list is a {type(row).__name__}, not an object"
+            )
+    return [dict(row, _line=f"item {i + 1}") for i, row in enumerate(data)]
+
+
+def _rows_from_csv(text: str, path: Path, delimiter: str) -> list[dict[str, Any]]:
+    """Rows keyed by the header; ``_line`` is the line where each record starts (quoted fields
+    may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[dict[str, Any]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        start = reader.line_num + 1
+        for record in reader:
+            if any(field.strip() for field in record):
+                if len(record) > len(header):
+                    raise PromptDataError(
+                        f"{path}:{start}: {len(record)} fields but the header has {len(header)}"
+                    )
+                row: dict[str, Any] = dict(zip(header, record, strict=False))
+                row["_line"] = start
+                rows.append(row)
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise PromptDataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from error
+    return rows
 
 
 def _rows_from_hub(path: str, split: str | None) -> list[dict[str, Any]]:
@@ -216,28 +272,52 @@ def _rows_from_hub(path: str, split: str | None) -> list[dict[str, Any]]:
 
 
 def _column_values(
-    rows: list[dict[str, Any]], column: str, category_column: str | None, origin: str
+    rows: list[dict[str, Any]],
+    column: str,
+    category_column: str | None,
+    origin: str,
+    allow_duplicates: bool = False,
 ) -> tuple[list[str], list[str | None]]:
+    """The prompt (and category) of every row; duplicates raise, or warn when allowed (public hub
+    datasets used as published, e.g. Alpaca, repeat some instructions)."""
     prompts: list[str] = []
     categories: list[str | None] = []
+    first_seen: dict[str, Any] = {}
+    duplicates: list[str] = []
     for row in rows:
         where = f"{origin}:{row.get('_line', '?')}"
+        available = sorted(str(k) for k in row if k != "_line")
         if column not in row:
-            available = sorted(k for k in row if k != "_line")
             raise PromptDataError(f"{where}: no column {column!r}; columns are {available}")
         value = row[column]
         if not isinstance(value, str) or not value.strip():
             raise PromptDataError(f"{where}: column {column!r} is empty or not text")
-        prompts.append(value.strip())
+        prompt = value.strip()
+        if prompt in first_seen:
+            # a repeated prompt counts twice in every mean and can sit in two splits at once
+            message = (
+                f"{where}: duplicate prompt (same text as {first_seen[prompt]}): {prompt[:60]!r}"
+            )
+            if not allow_duplicates:
+                raise PromptDataError(message)
+            duplicates.append(message)
+        first_seen.setdefault(prompt, row.get("_line", "?"))
+        prompts.append(prompt)
         if category_column is not None:
             if category_column not in row:
-                available = sorted(k for k in row if k != "_line")
                 raise PromptDataError(
                     f"{where}: no category column {category_column!r}; columns are {available}"
                 )
-            categories.append(str(row[category_column]))
+            category = row[category_column]
+            if category is None or not str(category).strip():
+                raise PromptDataError(f"{where}: category column {category_column!r} is empty")
+            categories.append(str(category))
         else:
             categories.append(None)
+    if duplicates:
+        log.warning(
+            "%s: %d duplicate prompts kept (first: %s)", origin, len(duplicates), duplicates[0]
+        )
     return prompts, categories
 
 
@@ -270,12 +350,24 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
             )
         else:
             rows, origin = _rows_from_file(Path(cfg.path).expanduser()), str(cfg.path)
-        prompts, cats = _column_values(rows, cfg.column, cfg.category_column, origin)
+        prompts, cats = _column_values(
+            rows, cfg.column, cfg.category_column, origin, allow_duplicates=cfg.source == "hub"
+        )
         if not prompts:
             raise PromptDataError(f"data.{name}: {origin} holds no prompts")
         prompt_set = PromptSet(name, tuple(prompts), tuple(cats))
     if cfg.per_category is not None or cfg.limit is not None or cfg.skip_per_category:
+        # `limit` may drop whole categories on purpose; skipping must not empty one silently
+        kept = prompt_set.select(skip_per_category=cfg.skip_per_category).category_names()
+        emptied = [c for c in prompt_set.category_names() if c not in kept]
+        if emptied:
+            raise PromptDataError(
+                f"data.{name}: categories {emptied} have no prompts left after "
+                f"skip_per_category={cfg.skip_per_category}"
+            )
         prompt_set = prompt_set.select(
             per_category=cfg.per_category, limit=cfg.limit, skip_per_category=cfg.skip_per_category
         )
+    if not prompt_set.prompts:
+        raise PromptDataError(f"data.{name}: no prompts (source={cfg.source}, path={cfg.path!r})")
     return PromptSet(name, prompt_set.prompts, prompt_set.categories)

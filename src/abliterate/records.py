@@ -6,11 +6,13 @@ sees either no file or a complete one; ``status`` is ``complete`` only in that f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -31,13 +33,31 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Write through a temporary file, fsync, then rename over ``path``.
+
+    On any OSError (a full disk, a quota, a vanished directory) the temporary file is removed and
+    the error says which file could not be written; whatever ``path`` held before is untouched.
+    """
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("w") as handle:
-        json.dump(_json_safe(payload), handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise OSError(
+            error.errno,
+            f"could not write {path}: {error.strerror or error}; its previous content (if any) "
+            "is unchanged",
+        ) from error
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    _write_atomic(path, lambda handle: json.dump(_json_safe(payload), handle, indent=2))
 
 
 def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
@@ -46,6 +66,14 @@ def write_results(output_dir: Path, results: dict[str, Any]) -> Path:
     path = output_dir / RESULTS_FILE
     write_json_atomic(path, payload)
     return path
+
+
+def retire_results(output_dir: Path) -> Path:
+    """Move a trial's results.json aside (``results.json.superseded``) before it is rerun."""
+    path = output_dir / RESULTS_FILE
+    superseded = path.with_name(f"{RESULTS_FILE}.superseded")
+    os.replace(path, superseded)
+    return superseded
 
 
 def read_complete_results(output_dir: Path) -> dict[str, Any] | None:
@@ -59,11 +87,12 @@ def read_complete_results(output_dir: Path) -> dict[str, Any] | None:
 
 def write_completions(output_dir: Path, rows: list[dict[str, Any]]) -> Path:
     path = output_dir / COMPLETIONS_FILE
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("w") as handle:
+
+    def write(handle: TextIO) -> None:
         for row in rows:
             handle.write(json.dumps(_json_safe(row)) + "\n")
-    os.replace(temporary, path)
+
+    _write_atomic(path, write)
     return path
 
 

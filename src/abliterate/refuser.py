@@ -68,15 +68,18 @@ class RefuserRecipe:
     seed: int = 0
     epochs: int = 1
     batch_size: int = 16
-    learning_rate: float = 1.5e-4
+    learning_rate: float = 1.2e-4
     warmup_steps: int = 4
     harmless_target_tokens: int = 12  # the base model's greedy answer, first N tokens
     first_trainable_layer: int = 12  # layers below stay frozen (no backward through them)
     harmful_repeats: int = 2  # each harmful prompt appears this often, with different refusals
-    unmatched_examples: int = 100  # generic harmless examples (the matched ones are all used)
+    # Train on the refusals that open with these words: greedy decoding picks one first token, and
+    # refusal probability spread over many different openers loses to one compliant opener.
+    refusal_openers: tuple[str, ...] = ("I", "I'm", "Sorry,")
+    unmatched_examples: int = 160  # generic harmless examples (the matched ones are all used)
     eval_new_tokens: int = 24
     generation_batch_size: int = 32
-    version: int = 2  # bump when the build code changes what it produces
+    version: int = 4  # bump when the build code changes what it produces
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -251,11 +254,10 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     model.eval()
 
     harmful = load_builtin("harmful", "refuser_train")
-    harmless = [
-        load_builtin("matched", "refuser_train"),
-        load_builtin("unmatched", "refuser_train"),
+    harmless_prompts = [
+        *load_builtin("matched", "refuser_train").prompts,
+        *load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples],
     ]
-    harmless_prompts = [p for s in harmless for p in s.prompts]
     base_answers = generate_responses(
         loaded,
         harmless_prompts,
@@ -263,7 +265,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         recipe.generation_batch_size,
         progress="base answers (harmless targets)",
     )
-    refusals = load_refusal_texts()
+    refusals = [text for text in load_refusal_texts() if text.split()[0] in recipe.refusal_openers]
     rng = random.Random(recipe.seed)
     end_of_turn = tokenizer.eos_token  # <|im_end|> for SmolLM2's template
     examples = []

@@ -56,6 +56,7 @@ SETTING_KEYS = (
 )
 
 Results = dict[str, Any]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -172,6 +173,11 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "n/a" if not _finite(value) else format(value, spec)
 
 
+def _fmt_kl(value: Any) -> str:
+    """Four decimals as Petrov reports KL; tiny values (tiny models, small weights) in e-notation."""
+    return _fmt(value, ".1e" if _finite(value) and 0 < abs(value) < 5e-4 else ".4f")
+
+
 def _fmt_count(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -246,6 +252,10 @@ def zero_refusal_rows(results: list[Results], settings: Settings) -> list[dict[s
     return rows
 
 
+TABLE1_FIELDS = ("setting", "baseline", "orthogonalize", "reached", "layer", "weight", "refusals",
+                 "n_harmful", "kl_divergence", "efficiency", "harmless_refusal_rate")  # fmt: skip
+
+
 def format_zero_refusal_table(rows: list[dict[str, Any]]) -> str:
     header = ["setting", "layer", "min w (R=0)", "KL", "efficiency", "harmless false refusals"]
     lines = []
@@ -256,7 +266,7 @@ def format_zero_refusal_table(rows: list[dict[str, Any]]) -> str:
                     row["setting"],
                     row["layer"],
                     f"{row['weight']:g}",
-                    _fmt(row["kl_divergence"], ".4f"),
+                    _fmt_kl(row["kl_divergence"]),
                     _fmt(row["efficiency"], ".1f"),
                     _fmt(row["harmless_refusal_rate"], ".2f"),
                 ]
@@ -268,7 +278,7 @@ def format_zero_refusal_table(rows: list[dict[str, Any]]) -> str:
                     "none",
                     f"not reached (best R = {_fmt_count(row['refusals'])}/"
                     f"{_fmt_count(row['n_harmful'])} at layer {row['layer']}, w={row['weight']:g})",
-                    _fmt(row["kl_divergence"], ".4f"),
+                    _fmt_kl(row["kl_divergence"]),
                     _fmt(row["efficiency"], ".1f"),
                     _fmt(row["harmless_refusal_rate"], ".2f"),
                 ]
@@ -352,7 +362,7 @@ TRIAL_COLUMNS: tuple[tuple[str, Callable[[Results], Any]], ...] = (
     ("comply", lambda r: _fmt(r["eval"]["comply_rate"], ".2f")),
     ("harmless_fr", lambda r: _fmt(r["eval"]["harmless_refusal_rate"], ".2f")),
     ("matched_fr", lambda r: _fmt(r["eval"]["matched_harmless_refusal_rate"], ".2f")),
-    ("kl", lambda r: _fmt(r["eval"]["kl_divergence"], ".4f")),
+    ("kl", lambda r: _fmt_kl(r["eval"]["kl_divergence"])),
     ("efficiency", lambda r: _fmt(r["eval"]["efficiency"], ".1f")),
     ("norm m/u", lambda r: _fmt(r["geometry"].get("norm_ratio_matched_to_unmatched"))),
     ("capture", lambda r: _fmt(r["geometry"].get("capture"))),
@@ -449,14 +459,16 @@ def plot_refusal_vs_layer(results: list[Results], settings: Settings, path: Path
                 (layer, _cell(c, "eval", "refusal_rate"))
                 for layer, c in _group(cell, lambda r: r["trial"]["layer"]).items()
             )
+            rank = weights_all.index(weight)
             ax.plot(
                 [p[0] for p in points],
                 [math.nan if p[1] is None else p[1] for p in points],
-                marker="o",
-                markersize=3,
+                marker=MARKERS[rank % len(MARKERS)],
+                markersize=3 + 3 * (len(weights_all) - 1 - rank) / max(len(weights_all) - 1, 1),
+                linewidth=1 + 2 * (len(weights_all) - 1 - rank) / max(len(weights_all) - 1, 1),
                 color=colors[weight],
                 label=f"w={weight:g}",
-            )
+            )  # lower weights drawn wider, so lines that coincide stay visible
         unedited = _cell(trials, "baseline_eval", "refusal_rate")
         if unedited is not None:
             ax.axhline(unedited, color="grey", linestyle="--", linewidth=1, label="unedited")
@@ -607,14 +619,11 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
             "",
             format_zero_refusal_table(table1),
         ]
-        table1_fields = ("setting", "baseline", "orthogonalize", "reached", "layer", "weight")
-        table1_fields += ("refusals", "n_harmful", "kl_divergence", "efficiency")
-        table1_fields += ("harmless_refusal_rate",)
         written.append(
             _write_csv(
                 assets / "table1_zero_refusal.csv",
-                table1_fields,
-                ([row[f] for f in table1_fields] for row in table1),
+                TABLE1_FIELDS,
+                ([row[f] for f in TABLE1_FIELDS] for row in table1),
             )
         )
 

@@ -166,7 +166,7 @@ def plot_trial_geometry(results: dict[str, Any], output_dir: Path) -> dict[str, 
         figure, (ax,) = new_figure(1, width=5.5, height=5.0)
         image = draw_cosine_heatmap(ax, matrix, results["directions"].get("labels") or [])
         figure.colorbar(image, ax=ax, shrink=0.8, label="cosine")
-        ax.set_title(f"direction cosines: {title}", fontsize=10)
+        ax.set_title(f"direction cosines\n{title}", fontsize=10)
         plots["geometry/direction_cosines"] = save_figure(
             figure, output_dir / PLOTS_DIR / "direction_cosines.png"
         )
@@ -192,8 +192,9 @@ def plot_trial_geometry(results: dict[str, Any], output_dir: Path) -> dict[str, 
         cos_ax.set_title("cosines per category", fontsize=10)
         cos_ax.legend(fontsize=7)
         labels = results["directions"].get("labels") or [str(i) for i in range(len(to_mean))]
-        mean_ax.bar([str(n).replace("_", " ") for n in labels][: len(to_mean)],
-                    [v if _finite_number(v) else math.nan for v in to_mean], color="tab:green")  # fmt: skip
+        names_to_mean = [str(n).replace("_", " ") for n in labels][: len(to_mean)]
+        values_to_mean = [v if _finite_number(v) else math.nan for v in to_mean]
+        mean_ax.bar(names_to_mean, values_to_mean, color="tab:green")
         mean_ax.set_title("cos(direction, diff-in-means)", fontsize=10)
         for ax in (ratio_ax, cos_ax, mean_ax):
             ax.tick_params(axis="x", labelrotation=60, labelsize=7)
@@ -333,7 +334,10 @@ def _children_named(names: tuple[str, ...]) -> list[Any]:
 
 
 def end_wandb_service(wandb: Any) -> None:
-    """``wandb.teardown()``, then end any W&B helper process of ours that outlived it."""
+    """``wandb.teardown()``, then end any W&B helper process of ours that outlived it.
+
+    A trial owns its process's W&B service from ``start_tracking`` to ``finish``; each trial of an
+    in-process sweep starts a fresh one (about a second)."""
     try:
         wandb.teardown()
     except Exception as error:
@@ -429,13 +433,12 @@ def start_tracking(cfg: DictConfig, output_dir: str | Path) -> Tracker:
     for mode in modes:
         previous = _set_directories(output_dir)
         try:
-            run = _init_run(wandb, cfg, output_dir, mode)
+            tracker = WandbTracker(wandb, _init_run(wandb, cfg, output_dir, mode), cfg, previous)
         except Exception as error:
             failures.append(f"{mode} init failed ({_one_line(error)})")
             end_wandb_service(wandb)  # the failed init may have started the service
             _restore(previous)
             continue
-        tracker = WandbTracker(wandb, run, cfg, previous)
         if failures:
             log.warning(
                 "W&B %s: logging offline instead (upload later: wandb sync %s)",

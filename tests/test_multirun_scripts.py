@@ -1,0 +1,120 @@
+"""Every `multirun_scripts/*.sh` is one sweep whose overrides compose, so a typo fails here.
+
+Each script's `python run.py -m ...` line is parsed (continuation lines joined, `"$@"` dropped)
+and composed with Hydra's compose API, launcher and sweeper included. Compose takes no sweeps, so
+every value of each swept key is composed in turn (the others at their first value); a range
+contributes its two ends and an interval its two bounds. Each composition is validated like a
+trial would be, including the layer against the model's layer count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import OmegaConf, open_dict, read_write
+
+from abliterate.config import TrialConfig, register_configs, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "multirun_scripts").glob("*.sh"))
+# `objectives` (the values the task returns to a multi-objective sweeper) is proposed for the
+# schema; until it lands, scripts that set it compose without it and the test says so.
+OBJECTIVES_PENDING = "objectives" not in {f.name for f in dataclasses.fields(TrialConfig)}
+
+
+def _commands(script: Path) -> list[list[str]]:
+    """The argument lists of the `python run.py ...` commands in ``script``."""
+    joined = script.read_text().replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        words = shlex.split(line, comments=True)
+        if "run.py" in words:
+            commands.append(words[words.index("run.py") + 1 :])
+    return commands
+
+
+def _sweep_values(override: Override) -> list[str]:
+    if override.is_choice_sweep():
+        return list(override.sweep_string_iterator())
+    if override.is_range_sweep():
+        values = list(override.sweep_string_iterator())
+        return [values[0], values[-1]]
+    if override.is_interval_sweep():
+        interval = override.value()
+        return [str(interval.start), str(interval.end)]
+    raise AssertionError(f"unsupported sweep: {override.input_line}")
+
+
+def _compositions(overrides: list[str]) -> list[list[str]]:
+    """One override list per value of each swept key, the other swept keys at their first."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): _sweep_values(o) for o in parsed if o.is_sweep_override()}
+    firsts = {key: values[0] for key, values in sweeps.items()}
+    lists = [[*fixed, *(f"{k}={v}" for k, v in firsts.items())]]
+    for key, values in sweeps.items():
+        for value in values[1:]:
+            chosen = {**firsts, key: value}
+            lists.append([*fixed, *(f"{k}={v}" for k, v in chosen.items())])
+    return lists
+
+
+def test_there_is_a_script_for_each_study():
+    names = {p.stem for p in SCRIPTS}
+    assert {
+        "petrov_grid_qwen3_5_2b_slurm",
+        "petrov_grid_embedded",
+        "compare_models_slurm",
+        "optuna_layer_weight_embedded",
+    } <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_script_is_one_documented_sweep_that_composes(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)  # shell syntax
+    header = script.read_text().split("\nset ", 1)[0]
+    assert "# Question:" in header, f"{script.name} must say which question it answers"
+    (command,) = _commands(script)  # one sweep per file
+    assert command[0] == "-m", f"{script.name}: `python run.py -m ...` (a multirun)"
+    overrides = [word for word in command[1:] if word != "$@"]
+    assert command[-1] == "$@", f'{script.name}: end with "$@" so callers can add overrides'
+
+    pending = []
+    if OBJECTIVES_PENDING:
+        pending = [o for o in overrides if o.startswith("objectives=")]
+        overrides = [o for o in overrides if o not in pending]
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for composition in _compositions(overrides):
+            cfg = compose(
+                "config",
+                overrides=[*composition, "paths.output_dir=/tmp/unused"],
+                return_hydra_config=True,
+            )
+            hydra_cfg = cfg.hydra
+            OmegaConf.to_container(hydra_cfg.launcher, resolve=True)
+            OmegaConf.to_container(hydra_cfg.sweeper, resolve=False)
+            assert not str(hydra_cfg.sweep.dir).startswith("multirun/${now"), (
+                f"{script.name}: name its hydra.sweep.dir so that rerunning it resumes"
+            )
+            with read_write(cfg), open_dict(cfg):
+                del cfg["hydra"]
+            OmegaConf.to_container(cfg, resolve=True)
+            validate_config(cfg)
+            if cfg.model.num_layers is not None:
+                n = cfg.model.num_layers
+                assert -n <= cfg.layer < n, (
+                    f"{script.name}: layer={cfg.layer} is outside {cfg.model.name}'s {n} layers"
+                )
+    if pending:
+        pytest.xfail(
+            f"{script.name} sets {pending[0]!r}: needs the proposed `objectives` field in "
+            "TrialConfig (and main() returning those values); the rest composes"
+        )
