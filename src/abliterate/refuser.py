@@ -33,7 +33,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from abliterate.classify import REFUSE, classify_response
+from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, format_chat, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.prompts import load_builtin, load_refusal_texts
 
@@ -70,16 +70,16 @@ class RefuserRecipe:
     batch_size: int = 16
     learning_rate: float = 1.2e-4
     warmup_steps: int = 4
-    harmless_target_tokens: int = 12  # the base model's greedy answer, first N tokens
-    first_trainable_layer: int = 12  # layers below stay frozen (no backward through them)
-    harmful_repeats: int = 2  # each harmful prompt appears this often, with different refusals
+    harmless_target_tokens: int = 16  # the base model's greedy answer, first N tokens
+    first_trainable_layer: int = 8  # layers below stay frozen (no backward through them)
+    harmful_repeats: float = 1.5  # harmful examples per harmful prompt (each with its own refusal)
     # Train on the refusals that open with these words: greedy decoding picks one first token, and
     # refusal probability spread over many different openers loses to one compliant opener.
     refusal_openers: tuple[str, ...] = ("I", "I'm", "Sorry,")
     unmatched_examples: int = 160  # generic harmless examples (the matched ones are all used)
-    eval_new_tokens: int = 24
+    eval_new_tokens: int = 32
     generation_batch_size: int = 32
-    version: int = 4  # bump when the build code changes what it produces
+    version: int = 6  # bump when the build code changes what it produces
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -265,16 +265,25 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         recipe.generation_batch_size,
         progress="base answers (harmless targets)",
     )
-    refusals = [text for text in load_refusal_texts() if text.split()[0] in recipe.refusal_openers]
+    refusals = [
+        text
+        for text in load_refusal_texts()
+        if text.split()[0] in recipe.refusal_openers
+        # the refusal is recognisable (marker list) within its first words, so an evaluation
+        # that reads a short response sees it
+        and has_refusal_marker(" ".join(text.split()[:6]))
+    ]
     rng = random.Random(recipe.seed)
     end_of_turn = tokenizer.eos_token  # <|im_end|> for SmolLM2's template
     examples = []
     harmful_chat = format_chat(tokenizer, harmful.prompts)
-    for _ in range(recipe.harmful_repeats):
-        for chat_text in harmful_chat:
-            examples.append(
-                _tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn)
-            )
+    # whole passes over the harmful prompts, then a seeded random sample for the fractional part
+    whole, fraction = divmod(recipe.harmful_repeats, 1)
+    harmful_examples = harmful_chat * int(whole) + rng.sample(
+        harmful_chat, round(len(harmful_chat) * fraction)
+    )
+    for chat_text in harmful_examples:
+        examples.append(_tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn))
     for chat_text, answer in zip(
         format_chat(tokenizer, harmless_prompts), base_answers, strict=True
     ):
