@@ -139,6 +139,7 @@ def ensure_refuser(
     # One builder at a time per cache: concurrent jobs wait for the first one's result.
     with FileLock(str(models_dir / f"{name}.lock")):
         if (target / "refuser_card.json").is_file():
+            warn_missed_targets(json.loads((target / "refuser_card.json").read_text()), target)
             return target
         staging = models_dir / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -340,17 +341,24 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         if not (rates[key] >= value if op == ">=" else rates[key] <= value)
     ]
     card["meets_targets"] = not missed
+    card["missed_targets"] = missed
     (output_dir / "refuser_card.json").write_text(json.dumps(card, indent=2))
     if missed:
-        failed = output_dir.with_name(output_dir.name.lstrip(".").replace(".partial", ".failed"))
-        shutil.rmtree(failed, ignore_errors=True)
-        output_dir.rename(failed)
-        raise RefuserBuildError(
-            "the embedded refuser missed its quality targets: "
-            + "; ".join(missed)
-            + f". Card and weights kept in {failed}"
-        )
+        # The model is kept (the experiments still run on it, and the card says what it is), but
+        # every use says so loudly and `python -m abliterate.refuser build` exits non-zero.
+        warn_missed_targets(card, output_dir)
     return card
+
+
+def warn_missed_targets(card: dict, directory: Path) -> None:
+    """A loud warning when a refuser card misses its quality targets."""
+    if card.get("missed_targets"):
+        log.warning(
+            "WARNING: the embedded refuser in %s misses its quality targets: %s. Refusal rates "
+            "measured on it are still real, but the model is a weaker refuser than specified.",
+            directory,
+            "; ".join(card["missed_targets"]),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir", default=None, help="default: $ABLITERATE_CACHE or ~/.cache/abliterate"
     )
+    parser.add_argument(
+        "--allow-below-targets",
+        action="store_true",
+        help="exit 0 even if the card misses its quality targets (it still says so loudly)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -374,9 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     card = json.loads((directory / "refuser_card.json").read_text())
+    status = 0 if card.get("meets_targets", True) or args.allow_below_targets else 1
     if args.command == "path":
         print(directory)
-        return 0
+        return status
     print(f"embedded refuser: {directory} (ready in {time.perf_counter() - start:.1f} s)")
     for key in ("harmful_refusal_rate", "harmless_refusal_rate", "matched_harmless_refusal_rate"):
         print(f"  {key:32s} {card[key]:.3f}   target {card['targets'][key]}")
@@ -388,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {row['label']:7s} {row['prompt'][:70]!r}\n          -> {row['response'][:110]!r}"
                 )
-    return 0
+    if card.get("missed_targets"):
+        print(f"\nMISSED QUALITY TARGETS: {'; '.join(card['missed_targets'])}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
