@@ -434,13 +434,17 @@ def test_full_disk_while_writing_results_is_clear_and_loses_nothing(
     assert not (out / records.RESULTS_FILE).exists()
     assert not list(out.glob(".*tmp*")), list(out.iterdir())  # no temporary left behind
     assert (tmp_path / "earlier" / records.RESULTS_FILE).read_bytes() == before
-    # a forced rerun of the earlier trial that hits the full disk keeps its results.json
+    # a forced rerun of the earlier trial first moves its results.json aside (so nothing claims
+    # `complete` beside the rerun's new files); hitting the full disk then loses nothing: the
+    # earlier results are kept, byte for byte, as results.json.superseded
     forced = compose_trial(
         tiny_model_dir, tmp_path, f"paths.output_dir={tmp_path / 'earlier'}", "force=true"
     )
     with pytest.raises(OSError, match="No space left"):
         run_trial(forced, session=session)
-    assert (tmp_path / "earlier" / records.RESULTS_FILE).read_bytes() == before
+    assert not (tmp_path / "earlier" / records.RESULTS_FILE).exists()
+    superseded = tmp_path / "earlier" / f"{records.RESULTS_FILE}.superseded"
+    assert superseded.read_bytes() == before
 
 
 def test_full_disk_while_writing_completions_leaves_no_partial_file(tmp_path, monkeypatch):
