@@ -80,3 +80,18 @@ def tiny_loaded(char_tokenizer):
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-init llama and the char tokenizer saved to disk: loads like a real model."""
+    from tiny_models import build_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = build_tiny_model("llama", seed=0)
+    tokenizer = build_char_tokenizer()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -27,21 +27,6 @@ CONTRACT_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import build_char_tokenizer
-    from tiny_models import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = build_tiny_model("llama", seed=0)
-    tokenizer = build_char_tokenizer()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def compose_trial(tiny_model_dir: Path, tmp_path: Path, *overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

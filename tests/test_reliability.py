@@ -56,21 +56,6 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import build_char_tokenizer
-    from tiny_models import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = build_tiny_model("llama", seed=0)
-    tokenizer = build_char_tokenizer()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def unloadable_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model's config and tokenizer with garbage weights: a check that still reports its
     own message here ran before any weights were read."""

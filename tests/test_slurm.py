@@ -251,22 +251,6 @@ def slurm_cluster():
                     f"slurmdbd (start_local_slurm.sh does by default): {sacct.stderr}")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import build_char_tokenizer
-    from tiny_models import build_tiny_model, single_torch_thread
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    with single_torch_thread():
-        model = build_tiny_model("llama", seed=0)
-    tokenizer = build_char_tokenizer()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 DATA_LIMITS = """\
 data:
   harmful_train: {per_category: 4}

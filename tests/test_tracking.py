@@ -66,21 +66,6 @@ def wandb_children() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import build_char_tokenizer
-    from tiny_models import build_tiny_model
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = build_tiny_model("llama", seed=0)
-    tokenizer = build_char_tokenizer()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")  # activations and baseline evaluation, shared
 
