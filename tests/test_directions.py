@@ -373,3 +373,27 @@ def test_save_load_roundtrip(tmp_path):
     assert loaded.info["extra_metadata"] == {"model": "tiny", "baseline": "matched"}
     with pytest.raises(ValueError, match="reserved"):
         save_directions(path, directions, {"layer": "3"})
+
+
+# --- the per-category SOMs, trained side by side ------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:triangle neighborhood")
+@pytest.mark.parametrize("topology", ["hexagonal", "rectangular"])
+@pytest.mark.parametrize("neighborhood", ["gaussian", "mexican_hat", "bubble", "triangle"])
+def test_lockstep_soms_are_bit_identical_to_one_minisom_per_category(neighborhood, topology):
+    """som_per_class trains its maps in lockstep (one numpy call per step for all of them); each
+    map must end exactly where MiniSom, trained alone, ends: same seed, same sample order, same
+    arithmetic. Unequal category sizes exercise the per-map sample orders."""
+    import numpy as np
+
+    from abliterate.directions import _train_som, _train_soms_lockstep
+
+    sigma = 1.0 if neighborhood in ("bubble", "triangle") else 0.4
+    cfg = _cfg(neighborhood=neighborhood, topology=topology, sigma=sigma, iterations=150)
+    generator = np.random.default_rng(0)
+    datasets = [generator.normal(size=(n, D_MODEL)) for n in (7, 12, 1)]
+    expected = [_train_som(data, cfg).get_weights() for data in datasets]
+    trained = _train_soms_lockstep(datasets, cfg)
+    for alone, together in zip(expected, trained, strict=True):
+        assert np.array_equal(alone, together)

@@ -356,6 +356,99 @@ def _train_som(data: np.ndarray, cfg: Any) -> MiniSom:
     return som
 
 
+def _train_soms_lockstep(datasets: Sequence[np.ndarray], cfg: Any) -> list[np.ndarray]:
+    """The final weights of ``_train_som(data, cfg)`` for every dataset, trained side by side.
+
+    Bit-identical to training one MiniSom per dataset (tests compare them): each map takes its
+    initial weights and its sample order from its own ``RandomState(cfg.seed)`` with MiniSom's
+    calls, and every step applies MiniSom's update (winner by Euclidean distance, neighbourhood
+    g = h(winner, sigma_t) * eta_t, w <- w + g (x - w)) to all maps at once. A per-category
+    extraction is k independent maps of the same grid and schedule; stepping them together costs
+    one numpy call per operation per step instead of k, which is most of MiniSom's run time.
+
+    Returns:
+        One (som_rows, som_cols, d_model) float64 array per dataset.
+    """
+    rows, cols = cfg.som_rows, cfg.som_cols
+    count, d_model, steps = len(datasets), datasets[0].shape[1], cfg.iterations
+    reference = MiniSom(
+        rows,
+        cols,
+        d_model,
+        sigma=cfg.sigma,
+        learning_rate=cfg.learning_rate,
+        neighborhood_function=cfg.neighborhood,
+        topology=cfg.topology,
+        random_seed=cfg.seed,
+    )  # validates the options (and warns) exactly as _train_som does; its grid is reused below
+    weights = np.empty((count, rows, cols, d_model))  # (maps, rows, cols, d_model)
+    samples = np.empty((count, steps), dtype=np.int64)  # the sample each map learns at each step
+    padded = np.zeros((count, max(len(data) for data in datasets), d_model))
+    for index, data in enumerate(datasets):
+        generator = np.random.RandomState(cfg.seed)
+        generator.rand(rows, cols, d_model)  # MiniSom draws random initial weights first
+        for flat in range(rows * cols):  # random_weights_init: one sample per neuron, C order
+            weights[index].reshape(-1, d_model)[flat] = data[generator.randint(len(data))]
+        order = np.arange(steps) % len(data)
+        generator.shuffle(order)  # train_random's sample order
+        samples[index] = order
+        padded[index, : len(data)] = data
+    xx_t, yy_t = reference._xx.T, reference._yy.T  # (rows, cols) neuron coordinates
+    neigx, neigy = reference._neigx, reference._neigy
+    maps = np.arange(count)
+    for t in range(steps):
+        x = padded[maps, samples[:, t]]  # (maps, d_model)
+        difference = np.subtract(x[:, None, None, :], weights)  # (maps, rows, cols, d_model)
+        distances = np.linalg.norm(difference, axis=-1).reshape(count, -1)  # (maps, neurons)
+        win_row, win_col = np.unravel_index(distances.argmin(axis=1), (rows, cols))
+        # MiniSom's asymptotic decay of both the learning rate and sigma
+        eta = cfg.learning_rate / (1 + t / (steps / 2))
+        sigma = cfg.sigma / (1 + t / (steps / 2))
+        g = _neighbourhood(cfg.neighborhood, xx_t, yy_t, neigx, neigy, win_row, win_col, sigma)
+        # MiniSom: w += einsum('ij, ijk->ijk', g, x - w), the same products written in place
+        weights += np.multiply(difference, (g * eta)[..., None], out=difference)
+    return list(weights)
+
+
+def _neighbourhood(
+    name: str,
+    xx_t: np.ndarray,
+    yy_t: np.ndarray,
+    neigx: np.ndarray,
+    neigy: np.ndarray,
+    win_row: np.ndarray,
+    win_col: np.ndarray,
+    sigma: float,
+) -> np.ndarray:
+    """MiniSom's neighbourhood functions for several winners at once: (maps, rows, cols)."""
+    if name in ("gaussian", "mexican_hat"):
+        # (maps, cols, rows) like MiniSom's meshgrid arrays, transposed at the end as it does
+        dx = xx_t.T[None] - xx_t[win_row, win_col][:, None, None]
+        dy = yy_t.T[None] - yy_t[win_row, win_col][:, None, None]
+        d = 2 * sigma * sigma
+        if name == "gaussian":
+            g = np.exp(-np.power(dx, 2) / d) * np.exp(-np.power(dy, 2) / d)
+        else:
+            p = np.power(dx, 2) + np.power(dy, 2)
+            g = np.exp(-p / d) * (1 - 2 / d * p)
+        return g.transpose(0, 2, 1)
+    if name == "bubble":
+        ax = np.logical_and(
+            neigx[None] > (win_row - sigma)[:, None], neigx[None] < (win_row + sigma)[:, None]
+        )
+        ay = np.logical_and(
+            neigy[None] > (win_col - sigma)[:, None], neigy[None] < (win_col + sigma)[:, None]
+        )
+        return (ax[:, :, None] * ay[:, None, :]) * 1.0
+    if name == "triangle":
+        tx = (-np.abs(win_row[:, None] - neigx[None])) + sigma
+        ty = (-np.abs(win_col[:, None] - neigy[None])) + sigma
+        tx[tx < 0] = 0.0
+        ty[ty < 0] = 0.0
+        return tx[:, :, None] * ty[:, None, :]
+    raise ValueError(f"extraction.neighborhood={name!r} is not a MiniSom neighbourhood")
+
+
 def _assign_winners(weights: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Best-matching neuron (flat row-major index; ties -> lowest) and its distance per sample."""
     distances = np.linalg.norm(data[:, None, :] - weights[None, :, :], axis=-1)  # (n, neurons)
@@ -374,20 +467,30 @@ def _extract_som_per_class(
     empty: list[str] = []
     winning_neuron: dict[str, list[int]] = {}
     quantization_error: dict[str, float] = {}
-    candidates = []
+    samples: dict[str, np.ndarray] = {}
     for category in order:
         rows = [i for i, c in enumerate(categories) if c == category]
         if not rows:
             empty.append(category)
             continue
         rows_diff = differences[rows]  # (n_c, d_model) float64
-        data = rows_diff[torch.isfinite(rows_diff).all(dim=1)].numpy()
-        if len(data) == 0:
+        samples[category] = rows_diff[torch.isfinite(rows_diff).all(dim=1)].numpy()
+    trainable = [category for category, data in samples.items() if len(data)]
+    trained = dict(
+        zip(
+            trainable,
+            _train_soms_lockstep([samples[c] for c in trainable], cfg) if trainable else [],
+            strict=True,
+        )
+    )
+    candidates = []
+    for category, data in samples.items():
+        if category not in trained:
             candidates.append(
                 _Candidate(category, torch.full((d_model,), math.nan, dtype=torch.float64), 0)
             )
             continue
-        weights = _train_som(data, cfg).get_weights().reshape(-1, d_model)  # (rows*cols, d)
+        weights = trained[category].reshape(-1, d_model)  # (rows*cols, d)
         winners, distances = _assign_winners(weights, data)
         wins = np.bincount(winners, minlength=len(weights))
         best = int(np.argmax(wins))  # first maximum: ties go to the lowest neuron index
