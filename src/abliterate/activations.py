@@ -111,6 +111,75 @@ def _write_entry(path: Path, values: torch.Tensor, metadata: dict[str, str]) -> 
     os.replace(temporary, path)  # atomic: readers see the old state or the whole new file
 
 
+def check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise ValueError(
+            f"extraction.position={position!r} is not valid; choose one of {', '.join(POSITIONS)}"
+        )
+
+
+class PromptActivationCapture:
+    """Every decoder layer's output at the prompt position, from the first forward of a batch.
+
+    A context manager: hooks on the decoder layers are registered on entry and removed on exit
+    (also on an error). Call :meth:`start_batch` before each batch's forward or ``generate`` call
+    and :meth:`batch_values` after it. Only the first forward after ``start_batch`` is kept, so
+    during ``generate`` this is the prefill over the whole prompt (later decoding steps see one
+    token) and the activations come at no extra forward pass.
+    """
+
+    def __init__(self, loaded: LoadedModel, position: str):
+        check_position(position)
+        self.layers = get_decoder_layers(loaded.model)
+        self.take = (
+            1
+            if position == "last"
+            else count_post_instruction_tokens(
+                loaded.tokenizer, loaded.system_prompt, loaded.disable_thinking
+            )
+        )
+        self._captured: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _capture(self, _module, _inputs, output) -> None:
+        if len(self._captured) < len(self.layers):
+            hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
+            self._captured.append(hidden[:, -self.take :].float().mean(dim=1))  # (batch, d_model)
+
+    def __enter__(self) -> PromptActivationCapture:
+        try:
+            for layer in self.layers:
+                self._handles.append(layer.register_forward_hook(self._capture))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def start_batch(self) -> None:
+        self._captured.clear()
+
+    def batch_values(self) -> torch.Tensor:
+        """(batch, n_layers, d_model) float32 on the CPU."""
+        if len(self._captured) != len(self.layers):
+            raise RuntimeError(
+                f"captured {len(self._captured)} layer outputs, expected {len(self.layers)}"
+            )
+        return torch.stack(self._captured, dim=1).cpu()
+
+
+def check_finite(values: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(
+            "non-finite activations: check the model's dtype (float16 overflow?)"
+        )
+    return values
+
+
 @torch.inference_mode()
 def run_forward_passes(
     loaded: LoadedModel,
@@ -120,30 +189,15 @@ def run_forward_passes(
     progress: str | None = None,
 ) -> torch.Tensor:
     """Activations of every layer for ``prompts``: (n_prompts, n_layers, d_model) float32 CPU."""
-    if position not in POSITIONS:
-        raise ValueError(
-            f"extraction.position={position!r} is not valid; choose one of {', '.join(POSITIONS)}"
-        )
+    check_position(position)
     tokenizer = loaded.tokenizer
-    layers = get_decoder_layers(loaded.model)
     texts = format_chat(tokenizer, list(prompts), loaded.system_prompt, loaded.disable_thinking)
-    n_post = count_post_instruction_tokens(tokenizer, loaded.system_prompt, loaded.disable_thinking)
-    take = 1 if position == "last" else n_post
-    captured: list[torch.Tensor] = []
-
-    def capture(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, d_model)
-        captured.append(hidden[:, -take:].float().mean(dim=1))  # (batch, d_model)
-
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     rows: dict[int, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(capture) for layer in layers]
-    try:
-        decoder = (
-            loaded.model.get_decoder()
-        )  # no vocabulary head: only the residual stream is needed
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    decoder = loaded.model.get_decoder()  # no vocabulary head: only the residual stream is needed
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with PromptActivationCapture(loaded, position) as capture:
         for batch in tqdm(
             batches, desc=progress, disable=progress is None or len(batches) < 2, leave=False
         ):
@@ -153,24 +207,13 @@ def run_forward_passes(
                 padding=True,
                 add_special_tokens=False,
             ).to(loaded.device)
-            captured.clear()
+            capture.start_batch()
             decoder(**encoded, use_cache=False)
-            if len(captured) != len(layers):
-                raise RuntimeError(
-                    f"captured {len(captured)} layer outputs, expected {len(layers)}"
-                )
-            stacked = torch.stack(captured, dim=1).cpu()  # (batch, n_layers, d_model)
+            stacked = capture.batch_values()  # (batch, n_layers, d_model)
             for offset, index in enumerate(batch):
                 rows[index] = stacked[offset]
-    finally:
-        for handle in handles:
-            handle.remove()
-    result = torch.stack([rows[i] for i in range(len(texts))])  # (n_prompts, n_layers, d_model)
-    if not torch.isfinite(result).all():
-        raise FloatingPointError(
-            "non-finite activations: check the model's dtype (float16 overflow?)"
-        )
-    return result
+    # (n_prompts, n_layers, d_model)
+    return check_finite(torch.stack([rows[i] for i in range(len(texts))]))
 
 
 def collect_activations(

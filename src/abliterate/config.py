@@ -46,7 +46,9 @@ class ModelConfig:
     system_prompt: str | None = None  # None keeps the template's own default system prompt
     num_layers: int | None = None  # informative; the value read from the model config is used
     default_layer: int = MISSING  # the layer a plain `python run.py` uses for this model
-    batch_size: int = 16  # prompts per forward pass for activations and evaluation
+    batch_size: int = (
+        16  # prompts per forward pass for activations and evaluation; 0: chosen for the device
+    )
 
 
 @dataclass
@@ -111,6 +113,7 @@ class AblationConfig:
 @dataclass
 class EvalConfig:
     harmful_per_category: int = 4  # held-out harmful prompts per category
+    n_harmful: int | None = None  # then at most this many in all, round-robin over categories
     n_unmatched: int = 24  # held-out generic harmless prompts (false refusals)
     n_matched: int = 18  # held-out topic-matched harmless prompts (false refusals)
     max_new_tokens: int = 32  # greedy response length
@@ -227,10 +230,17 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"extraction.top_k={top_k!r} must be >= 1 or null")
     if _get(cfg, "eval.kl_tokens") < 1:
         raise ConfigError(f"eval.kl_tokens={_get(cfg, 'eval.kl_tokens')!r} must be >= 1")
-    for key in ("model.batch_size", "eval.harmful_per_category", "eval.max_new_tokens",
-                "eval.kl_prompts"):  # fmt: skip
+    if _get(cfg, "model.batch_size") < 0:
+        raise ConfigError(
+            f"model.batch_size={_get(cfg, 'model.batch_size')!r} must be >= 1, or 0 (chosen for "
+            "the device)"
+        )
+    for key in ("eval.harmful_per_category", "eval.max_new_tokens", "eval.kl_prompts"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 1")
+    n_harmful = _get(cfg, "eval.n_harmful")
+    if n_harmful is not None and n_harmful < 1:
+        raise ConfigError(f"eval.n_harmful={n_harmful!r} must be >= 1 or null")
     for key in ("eval.n_unmatched", "eval.n_matched"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")

@@ -3,12 +3,16 @@
 - Greedy responses (batched, stopping early once every label is decided) are labelled
   REFUSE / EVASIVE / COMPLY by :mod:`abliterate.classify`.
 - KL(original || ablated) is teacher-forced over ``kl_tokens`` tokens of the original model's
-  greedy continuation of harmless prompts, averaged over real (non-padding) positions. With
+  greedy continuation of harmless prompts (one forward pass per batch, no generation), averaged
+  over real (non-padding) positions. With
   ``kl_top_k`` set, both distributions are coarse-grained to the original's top-k tokens plus one
   tail bucket (an exact KL of the coarse distributions, and a lower bound of the full one), which
   keeps the stored reference small for long continuations (Petrov: top-100).
-- The unedited model's evaluation (its responses, labels, rates and the KL reference) is computed
-  once per model x prompts x settings and cached on disk, so no trial recomputes it.
+- The unedited model's evaluation (its responses, labels, rates, the KL reference and the harmful
+  prompts' activations) is computed once per model x prompts x settings and cached on disk, so no
+  trial recomputes it.
+- The harmful prompts' residual activations (for the perturbation ratio) are read off the prefill
+  of the harmful set's generation, so measuring them costs no forward pass of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from abliterate.classify import COMPLY, EVASIVE, REFUSE, CoherenceThresholds, classify_response
-from abliterate.generation import generate_responses
+from abliterate.generation import generate
 from abliterate.models import LoadedModel, format_chat
 from abliterate.prompts import PromptSet
 
@@ -66,7 +70,7 @@ def select_eval_prompts(
     kl_pool = unmatched.prompts[n_unmatched:] or unmatched.prompts
     kl = PromptSet("kl", tuple(kl_pool[: cfg.kl_prompts]))
     return EvalPrompts(
-        harmful=harmful.select(per_category=cfg.harmful_per_category),
+        harmful=harmful.select(per_category=cfg.harmful_per_category, limit=cfg.n_harmful),
         unmatched=unmatched.select(limit=n_unmatched),
         matched=matched.select(limit=cfg.n_matched),
         kl=kl,
@@ -81,6 +85,18 @@ class SetResult:
     categories: list[str | None]
     responses: list[str]
     labels: list[str]
+    # (n, n_layers, d_model) float32: every layer's output at the prompt position, from the
+    # generation's prefill; only for a set evaluated with capture_position
+    activations: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def texts(self) -> dict[str, list]:
+        """The JSON-serialisable part (the cache's sets.json)."""
+        return {
+            "prompts": self.prompts,
+            "categories": self.categories,
+            "responses": self.responses,
+            "labels": self.labels,
+        }
 
     def rate(self, label: str) -> float:
         return sum(lab == label for lab in self.labels) / max(1, len(self.labels))
@@ -122,31 +138,65 @@ class EvalResult:
 
 
 def _evaluate_set(
-    loaded: LoadedModel, prompt_set: PromptSet, cfg: Any, thresholds: CoherenceThresholds
+    loaded: LoadedModel,
+    prompt_set: PromptSet,
+    cfg: Any,
+    thresholds: CoherenceThresholds,
+    capture_position: str | None = None,
 ) -> SetResult:
-    responses = generate_responses(
+    generation = generate(
         loaded,
         prompt_set.prompts,
         cfg.max_new_tokens,
         loaded.batch_size,
         stop_when_decided=cfg.early_stop,
+        capture_position=capture_position,
     )
-    labels = [classify_response(r, thresholds) for r in responses]
-    return SetResult(list(prompt_set.prompts), list(prompt_set.categories), responses, labels)
+    labels = [classify_response(r, thresholds) for r in generation.responses]
+    return SetResult(
+        list(prompt_set.prompts),
+        list(prompt_set.categories),
+        generation.responses,
+        labels,
+        generation.activations,
+    )
 
 
-def evaluate_responses(loaded: LoadedModel, prompts: EvalPrompts, cfg: Any) -> dict[str, SetResult]:
-    """Greedy responses and labels on the harmful, unmatched and matched held-out sets."""
+def evaluate_responses(
+    loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, capture_position: str | None = None
+) -> dict[str, SetResult]:
+    """Greedy responses and labels on the harmful, unmatched and matched held-out sets.
+
+    Args:
+        capture_position: ``last`` or ``mean_post_instruction`` to also keep the harmful prompts'
+            activations (``sets["harmful"].activations``), read off the generation's prefill.
+    """
     thresholds = CoherenceThresholds(cfg.min_bigram_entropy, cfg.max_repeat_fraction)
     return {
-        name: _evaluate_set(loaded, getattr(prompts, name), cfg, thresholds) for name in EVAL_SETS
+        name: _evaluate_set(
+            loaded,
+            getattr(prompts, name),
+            cfg,
+            thresholds,
+            capture_position if name == "harmful" else None,
+        )
+        for name in EVAL_SETS
     }
+
+
+def _row_batches(n_rows: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n_rows)) for i in range(0, n_rows, batch_size)]
 
 
 def _continuation_inputs(
     loaded: LoadedModel, prompts: PromptSet, kl_tokens: int
 ) -> tuple[torch.Tensor, ...]:
-    """Prompt + the original's greedy continuation (``kl_tokens`` tokens), left-padded."""
+    """Prompt + the original's greedy continuation (``kl_tokens`` tokens), left-padded.
+
+    All rows share one padded width (the reference is one tensor); they are run
+    ``loaded.batch_size`` at a time, here and in every KL measurement, so the reference and the
+    ablated model see the same batches.
+    """
     tokenizer = loaded.tokenizer
     texts = format_chat(
         tokenizer, list(prompts.prompts), loaded.system_prompt, loaded.disable_thinking
@@ -154,18 +204,22 @@ def _continuation_inputs(
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
         loaded.device
     )
+    continuations = []
     with torch.inference_mode():
-        output = loaded.model.generate(
-            **encoded,
-            max_new_tokens=kl_tokens,
-            min_new_tokens=kl_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    continuation = output[:, encoded["input_ids"].shape[1] :]  # (n, kl_tokens)
+        for rows in _row_batches(len(texts), loaded.batch_size):
+            output = loaded.model.generate(
+                input_ids=encoded["input_ids"][rows],
+                attention_mask=encoded["attention_mask"][rows],
+                max_new_tokens=kl_tokens,
+                min_new_tokens=kl_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            continuations.append(output[:, encoded["input_ids"].shape[1] :])
+    continuation = torch.cat(continuations)  # (n, kl_tokens)
     input_ids = torch.cat([encoded["input_ids"], continuation[:, :-1]], dim=1)
     attention_mask = torch.cat(
         [encoded["attention_mask"], torch.ones_like(continuation[:, :-1])], dim=1
@@ -198,7 +252,20 @@ def compute_kl_reference(
     loaded: LoadedModel, prompts: PromptSet, kl_tokens: int, top_k: int | None
 ) -> KLReference:
     input_ids, attention_mask = _continuation_inputs(loaded, prompts, kl_tokens)
-    log_probs = _continuation_log_probs(loaded, input_ids, attention_mask, kl_tokens)
+    # one batch at a time, coarse-grained before the next, so the full-vocabulary log-probs of
+    # only one batch are ever held (100 prompts x 50 tokens x 248k vocabulary would be 5 GB)
+    log_probs_parts, top_parts = [], []
+    for rows in _row_batches(len(input_ids), loaded.batch_size):
+        batch_log_probs = _continuation_log_probs(
+            loaded, input_ids[rows], attention_mask[rows], kl_tokens
+        )  # (batch, kl_tokens, vocab)
+        if top_k is not None and top_k < batch_log_probs.shape[-1]:
+            batch_top = batch_log_probs.topk(top_k, dim=-1).indices
+            batch_log_probs = _coarse_grain(batch_log_probs, batch_top)
+            top_parts.append(batch_top)
+        log_probs_parts.append(batch_log_probs)
+    log_probs = torch.cat(log_probs_parts)  # (n, kl_tokens, vocab or top_k + 1)
+    top_indices = torch.cat(top_parts) if top_parts else None
     # Position j predicts continuation token j+1; it is real text only if the original had not
     # ended (generated its end-of-turn token) among the tokens before it.
     positions_mask = torch.ones((len(input_ids), kl_tokens), dtype=torch.bool)
@@ -206,25 +273,28 @@ def compute_kl_reference(
         fed_continuation = input_ids[:, -(kl_tokens - 1) :]  # (n, kl_tokens - 1)
         ended = torch.cumsum((fed_continuation == loaded.tokenizer.eos_token_id).int(), dim=1) > 0
         positions_mask[:, 1:] = ~ended
-    top_indices = None
-    if top_k is not None and top_k < log_probs.shape[-1]:
-        top_indices = log_probs.topk(top_k, dim=-1).indices
-        log_probs = _coarse_grain(log_probs, top_indices)
     return KLReference(input_ids, attention_mask, positions_mask, log_probs, top_indices)
 
 
 def compute_kl(loaded: LoadedModel, reference: KLReference) -> float:
-    """Mean KL(original || current model) per real continuation position (nats)."""
+    """Mean KL(original || current model) per real continuation position (nats).
+
+    One teacher-forced forward pass per batch over the stored prompt + continuation: no
+    generation, and only the ``kl_tokens`` positions' logits are computed.
+    """
     kl_tokens = reference.positions_mask.shape[1]
-    current = _continuation_log_probs(
-        loaded, reference.input_ids, reference.attention_mask, kl_tokens
-    )
-    if reference.top_indices is not None:
-        current = _coarse_grain(current, reference.top_indices)
-    original = reference.log_probs
-    per_position = (original.exp() * (original - current)).sum(-1)  # (n, kl_tokens)
     mask = reference.positions_mask
-    return float((per_position * mask).sum() / mask.sum().clamp_min(1))
+    total = torch.zeros((), dtype=torch.float64)
+    for rows in _row_batches(len(reference.input_ids), loaded.batch_size):
+        current = _continuation_log_probs(
+            loaded, reference.input_ids[rows], reference.attention_mask[rows], kl_tokens
+        )
+        if reference.top_indices is not None:
+            current = _coarse_grain(current, reference.top_indices[rows])
+        original = reference.log_probs[rows]
+        per_position = (original.exp() * (original - current)).sum(-1)  # (batch, kl_tokens)
+        total += (per_position * mask[rows]).double().sum()
+    return float(total / mask.sum().clamp_min(1))
 
 
 @dataclass
@@ -235,6 +305,11 @@ class BaselineEvaluation:
     kl_reference: KLReference
     cache_hit: bool = False
 
+    @property
+    def harmful_activations(self) -> torch.Tensor | None:
+        """(n_harmful, n_layers, d_model): the unedited model's activations on the harmful set."""
+        return self.sets["harmful"].activations
+
     def rates(self) -> dict[str, float]:
         return {
             "refusal_rate": self.sets["harmful"].rate(REFUSE),
@@ -243,10 +318,15 @@ class BaselineEvaluation:
         }
 
 
-def baseline_eval_key(loaded: LoadedModel, prompts: EvalPrompts, cfg: Any) -> str:
+def baseline_eval_key(
+    loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, capture_position: str | None = None
+) -> str:
     from abliterate.activations import template_fingerprint
 
     settings = {
+        # batches change padding, and padding changes the last bits of every number
+        "batch_size": loaded.batch_size,
+        "capture_position": capture_position,
         "model": loaded.identity,
         "dtype": str(next(loaded.model.parameters()).dtype),
         "prompts": prompts.fingerprint(),
@@ -266,6 +346,7 @@ def _load_baseline(directory: Path) -> BaselineEvaluation | None:
         payload = json.loads((directory / "sets.json").read_text())
         tensors = load_file(str(directory / "kl_reference.safetensors"))
         sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
+        sets["harmful"].activations = tensors.get("harmful_activations")
         reference = KLReference(
             tensors["input_ids"],
             tensors["attention_mask"],
@@ -287,9 +368,11 @@ def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in baseline.kl_reference.tensors().items()}
     tensors["positions_mask"] = tensors["positions_mask"].to(torch.uint8)
+    if baseline.harmful_activations is not None:
+        tensors["harmful_activations"] = baseline.harmful_activations.contiguous()
     save_file(tensors, str(staging / "kl_reference.safetensors"))
     (staging / "sets.json").write_text(
-        json.dumps({"sets": {k: asdict(v) for k, v in baseline.sets.items()}})
+        json.dumps({"sets": {k: v.texts() for k, v in baseline.sets.items()}})
     )
     if directory.exists():  # an unreadable entry (the caller holds the entry's lock)
         stale = directory.with_name(f"{directory.name}.stale-{os.getpid()}")
@@ -300,12 +383,21 @@ def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
 
 
 def evaluate_baseline(
-    loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, cache_dir: str | Path | None
+    loaded: LoadedModel,
+    prompts: EvalPrompts,
+    cfg: Any,
+    cache_dir: str | Path | None,
+    capture_position: str | None = None,
 ) -> BaselineEvaluation:
-    """The unedited model's evaluation, from the cache when present."""
+    """The unedited model's evaluation, from the cache when present.
+
+    Args:
+        capture_position: also keep the harmful prompts' activations at this position (see
+            :func:`evaluate_responses`); part of the cache key.
+    """
 
     def compute() -> BaselineEvaluation:
-        sets = evaluate_responses(loaded, prompts, cfg)
+        sets = evaluate_responses(loaded, prompts, cfg, capture_position)
         reference = compute_kl_reference(loaded, prompts.kl, cfg.kl_tokens, cfg.kl_top_k)
         return BaselineEvaluation(sets, reference)
 
@@ -313,7 +405,7 @@ def evaluate_baseline(
         return compute()
     root = Path(cache_dir) / "baseline_eval"
     root.mkdir(parents=True, exist_ok=True)
-    key = baseline_eval_key(loaded, prompts, cfg)
+    key = baseline_eval_key(loaded, prompts, cfg, capture_position)
     directory = root / key
     cached = _load_baseline(directory)
     if cached is not None:

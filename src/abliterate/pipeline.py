@@ -5,13 +5,17 @@
     3. collect residual activations (cached on disk, shared across trials and processes)
     4. extract refusal directions at the tested layer (matched or unmatched contrast)
     5. evaluate the unedited model (cached once per model x prompts x settings)
-    6. ablate, evaluate, measure KL and the perturbation, restore the weights exactly
+    6. ablate, evaluate, measure KL and the perturbation, restore the weights exactly (only the
+       edited matrices are copied and put back; nothing is reloaded)
     7. geometry of the contrast and of the directions
     8. record: directions.safetensors, completions.jsonl, results.json (last, atomically)
 
 State that outlives a trial (the model, prompt sets, activations, baseline evaluation, directions)
 lives in a :class:`Session`; Hydra's in-process multirun calls :func:`run_trial` once per trial in
-one process, so a sweep pays for loading and extraction once.
+one process, so a sweep pays for loading and extraction once. A warm trial's unavoidable work is
+the ablated model's generation and one teacher-forced KL pass; ``timing_s`` breaks the rest down
+(``baseline_evaluation``, ``generation``, ``kl``, ``geometry``, ``records``) so a benchmark can see
+what else a trial costs.
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ class Session:
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
+
+    def use_model(self, model_cfg: Any, loaded: LoadedModel) -> None:
+        """Run this session's trials on a model built in memory (a benchmark's random-init
+        model, a notebook's) instead of loading ``model_cfg``; trials must pass the same
+        ``model`` config, whose identity is then ``loaded.identity``."""
+        self.reset()
+        self.loaded = loaded
+        self.writers = resolve_residual_writers(loaded.model)
+        self.model_key = _key(model_cfg)
 
 
 SESSION = Session()
@@ -242,19 +255,23 @@ def run_trial(
         )
 
     # 5. the unedited model's evaluation (cached)
-    with _timed(timing, "evaluation"):
+    # (its generation also records the harmful prompts' activations, for the perturbation ratio)
+    position = cfg.extraction.position
+    with _timed(timing, "evaluation"), _timed(timing, "baseline_evaluation"):
         eval_prompts = evaluation_stage.select_eval_prompts(
             sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
         )
-        baseline_key = evaluation_stage.baseline_eval_key(loaded, eval_prompts, cfg.eval)
+        baseline_key = evaluation_stage.baseline_eval_key(loaded, eval_prompts, cfg.eval, position)
         baseline_memo_hit = baseline_key in session.baselines
         if not baseline_memo_hit:
             session.baselines[baseline_key] = evaluation_stage.evaluate_baseline(
-                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir
+                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir, position
             )
         baseline = session.baselines[baseline_key]
 
-    # 6. ablate, evaluate, restore (the edit is undone bit-exactly when the block exits)
+    # 6. ablate, evaluate, restore (the edit is undone bit-exactly when the block exits); the
+    # harmful set's generation also returns its activations, so the perturbation ratio needs no
+    # forward pass of its own
     harmful_eval_acts = None
     if len(directions.vectors):
         begin = time.perf_counter()
@@ -265,21 +282,24 @@ def run_trial(
                 )
             )
             edited = time.perf_counter()
-            sets_result = evaluation_stage.evaluate_responses(loaded, eval_prompts, cfg.eval)
-            kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
-            harmful_eval_acts = activations_stage.run_forward_passes(
-                loaded, eval_prompts.harmful.prompts, cfg.extraction.position, loaded.batch_size
+            sets_result = evaluation_stage.evaluate_responses(
+                loaded, eval_prompts, cfg.eval, position
             )
+            generated = time.perf_counter()
+            kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
             evaluated = time.perf_counter()
+            harmful_eval_acts = sets_result["harmful"].activations
         timing["ablation"] = (edited - begin) + (time.perf_counter() - evaluated)
+        timing["generation"] = generated - edited
+        timing["kl"] = evaluated - generated
         timing["evaluation"] += evaluated - edited
     else:
         log.warning("no usable direction at layer %d: the ablated model is the original", layer)
         sets_result, kl = baseline.sets, 0.0
-    with _timed(timing, "evaluation"):
-        original_eval_acts = _collect(cfg, session, loaded, eval_prompts.harmful).values
+    original_eval_acts = baseline.harmful_activations
 
     # 7. geometry
+    geometry_start = time.perf_counter()
     contrast = geometry_stage.compute_contrast_geometry(
         harmful_layer,
         harmful_categories,
@@ -312,13 +332,15 @@ def run_trial(
         "perturbation_ratio": geometry_stage.compute_perturbation_ratio(
             original_eval_acts, harmful_eval_acts, layer
         )
-        if harmful_eval_acts is not None
+        if harmful_eval_acts is not None and original_eval_acts is not None
         else 0.0,
         "per_category": contrast.get("per_category", {}),
         "mean_activation_norm": mean_norm,
     }
+    timing["geometry"] = time.perf_counter() - geometry_start
 
     # 8. records
+    records_start = time.perf_counter()
     results = {
         "trial": {
             "model": cfg.model.path,
@@ -370,8 +392,12 @@ def run_trial(
         weights_mode = OmegaConf.merge(cfg.ablation, {"mode": "weights"})  # hooks cannot be saved
         with apply_ablation(loaded.model, writers, directions.vectors, layer, weights_mode, scales):
             export_model(loaded, output_dir / "model", results)
-    for stage in ("load", "activations", "directions", "ablation", "evaluation"):
+    for stage in (
+        "load", "activations", "directions", "ablation", "evaluation", "baseline_evaluation",
+        "generation", "kl",
+    ):  # fmt: skip
         timing.setdefault(stage, 0.0)
+    timing["records"] = time.perf_counter() - records_start  # results.json itself not included
     timing["total"] = time.perf_counter() - start
     results["timing_s"] = timing
     records.write_results(output_dir, results)
