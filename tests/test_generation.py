@@ -32,7 +32,7 @@ def test_generate_responses_is_generate_without_the_extras(tiny_loaded):
     assert plain == full.responses
     assert generate(loaded, PROMPTS, 6, batch_size=2).activations is None
     assert 0 < full.new_tokens <= 6 * len(PROMPTS)
-    assert full.steps <= 6 * 2  # two batches
+    assert full.row_steps <= 6 * len(PROMPTS)
 
 
 def test_new_tokens_stop_at_each_rows_end():
@@ -46,3 +46,40 @@ def test_new_tokens_stop_at_each_rows_end():
     )
     assert count_new_tokens(generated, pad, eos) == 8
     assert count_new_tokens(generated[:1], None, None) == 4
+
+
+# a plain key/value cache, a hybrid one with linear-attention states, one with sliding windows
+# (the tiny llama repeats one token whatever the prompt, so no row would end before another)
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_5", "gemma3"])
+def test_rows_dropped_as_they_end_give_the_same_tokens(tiny_loaded, family, monkeypatch):
+    """Finished rows leave the batch (and its cache) mid-generation; every row's tokens must be
+    those of one uninterrupted batched greedy run. The end token is set to one the random model
+    emits often, so rows end at different steps and the batch is compacted several times."""
+    from abliterate import generation
+    from abliterate.models import format_chat
+
+    loaded = tiny_loaded(family)
+    texts = format_chat(loaded.tokenizer, [f"prompt {i}: " + "xyzabc"[:i] * i for i in range(8)])
+    encoded = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def run(compact: bool) -> tuple[torch.Tensor, int]:
+        monkeypatch.setattr(generation, "COMPACT_FRACTION", 0.25 if compact else 2.0)
+        return generation._generate_batch(
+            loaded, encoded["input_ids"], encoded["attention_mask"], 24, False
+        )
+
+    free_run, _ = run(compact=False)
+
+    def first_ends(tokens: torch.Tensor, end: int) -> list[int]:
+        is_end = tokens == end
+        return torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), 99).tolist()
+
+    # the token whose first appearance varies most across rows
+    candidates = set(free_run.flatten().tolist()) - {loaded.tokenizer.pad_token_id}
+    end = max(candidates, key=lambda token: len(set(first_ends(free_run, token))))
+    loaded.model.generation_config.eos_token_id = end
+    compacted, compacted_steps = run(compact=True)
+    plain, plain_steps = run(compact=False)
+    assert torch.equal(compacted, plain)
+    assert len(set(first_ends(plain, end))) >= 3  # rows ended at different steps: it compacted
+    assert compacted_steps < plain_steps  # done rows were not decoded any further

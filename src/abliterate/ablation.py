@@ -367,7 +367,7 @@ def _edit_writer(
         edited = projection.apply(parameter, axis)
         if norm_preserving:
             edited = _rescale_written_vectors(edited, parameter, axis)
-        if not torch.isfinite(edited).all():
+        if not _all_finite(edited):
             raise AblationError(f"the edit of {full_name} is not finite")
         edited = edited.to(parameter.dtype)
         if tied:
@@ -378,6 +378,12 @@ def _edit_writer(
         else:
             edit.originals[full_name] = (parameter, parameter.detach().clone())
             parameter.copy_(edited)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, in one reduction: a NaN or an infinity makes the float64
+    sum non-finite, and a finite sum (no overflow in float64 for any weight) clears them all."""
+    return bool(torch.isfinite(torch.sum(tensor, dtype=torch.float64)))
 
 
 def _rescale_written_vectors(

@@ -10,6 +10,7 @@ that also needs those activations (the evaluation's perturbation measurement) ge
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,26 +23,61 @@ from abliterate.activations import PromptActivationCapture, check_finite
 from abliterate.classify import is_label_decided
 from abliterate.models import LoadedModel, format_chat
 
+# Drop finished rows from a batch once this share of them is done: a CPU's cost per decoding step
+# grows with the rows in the batch, and a refusing row is decided a few tokens in.
+COMPACT_FRACTION = 0.25
+_MIN_STEPS_LEFT_TO_COMPACT = 4  # fewer steps left: not worth another generate call
 
-class _LabelDecided(StoppingCriteria):
-    """Per-row stop once a refusal marker appears in the generated text."""
 
-    def __init__(self, tokenizer, prompt_length: int, check_every: int = 4):
+class _RowStops(StoppingCriteria):
+    """Which rows of a ``generate`` call are done, and when to end the call to drop them.
+
+    A row is done once it generated an end-of-sequence token or, with ``stop_when_decided``,
+    once its label can no longer change (a refusal marker appeared; checked every
+    ``check_every`` new tokens). ``generate`` pads a done row while the others continue; when
+    ``compact_after`` rows are done and enough steps remain, the call ends for every row so that
+    the caller can continue the rest without the done ones (``self.done`` says which).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        end_ids: torch.Tensor,
+        prompt_length: int,
+        n_rows: int,
+        steps_left: int,
+        stop_when_decided: bool,
+        compact_after: int,
+        check_every: int = 4,
+    ):
         self.tokenizer = tokenizer
+        self.end_ids = end_ids
         self.prompt_length = prompt_length
+        self.steps_left = steps_left
+        self.stop_when_decided = stop_when_decided
+        self.compact_after = compact_after
         self.check_every = check_every
+        self.done = torch.zeros(n_rows, dtype=torch.bool)
+        self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.steps += 1
+        self.done |= torch.isin(input_ids[:, -1].cpu(), self.end_ids)
         new_tokens = input_ids.shape[1] - self.prompt_length
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if new_tokens % self.check_every:
-            return done
-        texts = self.tokenizer.batch_decode(
-            input_ids[:, self.prompt_length :], skip_special_tokens=True
+        if self.stop_when_decided and new_tokens % self.check_every == 0:
+            pending = (~self.done).nonzero().flatten()
+            texts = self.tokenizer.batch_decode(
+                input_ids[pending.to(input_ids.device), self.prompt_length :],
+                skip_special_tokens=True,
+            )
+            for row, text in zip(pending.tolist(), texts, strict=True):
+                self.done[row] = is_label_decided(text)
+        compact = (
+            int(self.done.sum()) >= self.compact_after
+            and self.steps_left - self.steps >= _MIN_STEPS_LEFT_TO_COMPACT
         )
-        for row, text in enumerate(texts):
-            done[row] = is_label_decided(text)
-        return done
+        stop = torch.ones_like(self.done) if compact else self.done
+        return stop.to(input_ids.device)  # type: ignore[return-value]
 
 
 @dataclass
@@ -54,13 +90,14 @@ class Generation:
             the prompt position, captured during the prefill; None unless asked for.
         new_tokens: tokens generated for real (up to and including each row's end, not the
             padding a finished row gets while the rest of its batch continues).
-        steps: decoding steps run, summed over batches.
+        row_steps: token positions decoded, summed over rows, calls and batches (padding of
+            done rows still in a batch included): the decoding work done.
     """
 
     responses: list[str]
     activations: torch.Tensor | None = None
     new_tokens: int = 0
-    steps: int = 0
+    row_steps: int = 0
 
 
 @torch.inference_mode()
@@ -92,7 +129,7 @@ def generate(
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     responses: list[str] = [""] * len(texts)
     rows: dict[int, torch.Tensor] = {}
-    new_tokens = steps = 0
+    new_tokens = row_steps = 0
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with ExitStack() as stack:
         capture = (
@@ -107,24 +144,13 @@ def generate(
                 padding=True,
                 add_special_tokens=False,
             ).to(loaded.device)
-            prompt_length = encoded["input_ids"].shape[1]
-            criteria = StoppingCriteriaList()
-            if stop_when_decided:
-                criteria.append(_LabelDecided(tokenizer, prompt_length))
             if capture is not None:
-                capture.start_batch()
-            output = loaded.model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=criteria,
-            )
-            generated = output[:, prompt_length:]  # (batch, steps)
-            steps += generated.shape[1]
+                capture.start_batch()  # the first forward below is the prefill
+            generated, batch_row_steps = _generate_batch(
+                loaded, encoded["input_ids"], encoded["attention_mask"], max_new_tokens,
+                stop_when_decided,
+            )  # fmt: skip
+            row_steps += batch_row_steps
             new_tokens += count_new_tokens(
                 generated, tokenizer.pad_token_id, tokenizer.eos_token_id
             )
@@ -139,7 +165,84 @@ def generate(
     if capture_position is not None:
         # (n_prompts, n_layers, d_model)
         activations = check_finite(torch.stack([rows[i] for i in range(len(texts))]))
-    return Generation(responses, activations, new_tokens, steps)
+    return Generation(responses, activations, new_tokens, row_steps)
+
+
+def _end_ids(loaded: LoadedModel) -> torch.Tensor:
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = loaded.model.generation_config.eos_token_id
+    ids |= set(configured) if isinstance(configured, list) else {configured}
+    return torch.tensor(sorted(i for i in ids if i is not None), dtype=torch.long)
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_when_decided: bool,
+) -> tuple[torch.Tensor, int]:
+    """Greedy continuation of one left-padded batch, dropping rows as they finish.
+
+    ``generate`` runs until every row is done, computing padding for the done ones; here it is
+    ended once ``COMPACT_FRACTION`` of the rows are done, those rows are dropped from the batch
+    and from its key/value cache (``Cache.reorder_cache`` with the remaining rows), and the rest
+    continue from the cache in a new call: nothing is recomputed, and each row's tokens are those
+    of one uninterrupted greedy run.
+
+    Returns:
+        (rows, steps) generated token ids, padded after each row's end; the token positions
+        decoded (rows x steps, summed over the calls).
+    """
+    tokenizer, model = loaded.tokenizer, loaded.model
+    pad_id = tokenizer.pad_token_id
+    end_ids = _end_ids(loaded)
+    prompt_length = input_ids.shape[1]
+    generated = torch.full(
+        (len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device
+    )
+    rows = torch.arange(len(input_ids), device=input_ids.device)  # the batch's rows still going
+    cache = None
+    produced = row_steps = 0
+    while len(rows) and produced < max_new_tokens:
+        stops = _RowStops(
+            tokenizer,
+            end_ids,
+            prompt_length,
+            len(rows),
+            max_new_tokens - produced,
+            stop_when_decided,
+            compact_after=max(1, math.ceil(COMPACT_FRACTION * len(rows))),
+        )
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            max_new_tokens=max_new_tokens - produced,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            stopping_criteria=StoppingCriteriaList([stops]),
+            return_dict_in_generate=True,
+        )
+        sequences = output.sequences  # (rows, previous length + new)
+        new = sequences.shape[1] - input_ids.shape[1]
+        generated[rows, produced : produced + new] = sequences[:, input_ids.shape[1] :]
+        produced += new
+        row_steps += len(rows) * new
+        keep = (~stops.done).nonzero().flatten().to(input_ids.device)
+        cache = output.cache
+        if len(keep) == len(rows) or not hasattr(cache, "reorder_cache"):
+            break  # ran to the end (or a cache that cannot drop rows: padded to the end)
+        cache.reorder_cache(keep)  # keep only these rows' keys, values and recurrent states
+        input_ids = sequences[keep]
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones((len(attention_mask), new))], dim=1
+        )[keep]
+        rows = rows[keep]
+    return generated[:, :produced].cpu(), row_steps
 
 
 def count_new_tokens(
