@@ -393,3 +393,25 @@ def test_hook_point_outside_the_model_fails():
         ablation_hooks(other, writers, random_directions(1, seed=13), 0, AblationConfig()),
     ):
         pass
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_edit_that_is_not_finite_is_refused_and_undone(bad):
+    """The finite check is one float64 reduction per edited tensor; a single bad element in the
+    last writer edited must still be caught, and every writer edited before it restored."""
+    model = build_tiny_model("llama", seed=3)
+    writers = resolve_residual_writers(model)
+    before = parameter_snapshot(model)
+    last = writers.all_layer_writers()[-1]
+    with torch.no_grad():
+        last.weight[0, 0] = bad
+    poisoned = parameter_snapshot(model)
+    with pytest.raises(AblationError, match="not finite"):
+        apply_weight_ablation(writers, random_directions(1, seed=1), layer=-1, cfg=AblationConfig())
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.nan_to_num(), b.nan_to_num())
+
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        assert same(parameter, poisoned[name]), name  # the earlier writers' edits were undone
+    assert sum(not same(poisoned[name], before[name]) for name in before) == 1
