@@ -42,13 +42,18 @@ test: install ## Install, then run the whole test suite (slow tests included)
 test-fast: install ## Tests without the embedded model (-m "not slow")
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+bench: model ## Benchmark vs bare transformers and Heretic (~10 min, quiet machine; ARGS=--quick: ~3 min)
+	# installs Heretic (PyPI heretic-llm, pinned) into benchmarks/.heretic-venv on first use;
+	# writes benchmarks/latest.json (--quick: latest-embedded-quick.json); never run by the tests
+	$(PY) benchmarks/bench.py $(ARGS)
+
 lint: install ## ruff lint + format check
-	$(VENV)/bin/ruff check src tests run.py
-	$(VENV)/bin/ruff format --check src tests run.py
+	$(VENV)/bin/ruff check src tests benchmarks run.py
+	$(VENV)/bin/ruff format --check src tests benchmarks run.py
 
 format: install ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix src tests run.py
-	$(VENV)/bin/ruff format src tests run.py
+	$(VENV)/bin/ruff check --fix src tests benchmarks run.py
+	$(VENV)/bin/ruff format src tests benchmarks run.py
 
 typecheck: install ## mypy on src/
 	$(VENV)/bin/mypy src

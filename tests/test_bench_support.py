@@ -1,0 +1,63 @@
+"""The benchmark's own pieces that a CPU can check: the Qwen3.5-2B-shaped model it builds for
+GPU sessions, and its synthetic path end to end on a tiny model. The benchmark itself
+(benchmarks/bench.py, `make bench`) is never run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _synthetic():
+    spec = importlib.util.spec_from_file_location("synthetic", REPO / "benchmarks" / "synthetic.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_qwen3_5_2b_shape_builds_on_the_meta_device_with_every_writer_found():
+    import transformers
+
+    from abliterate.architectures import resolve_residual_writers
+
+    synthetic = _synthetic()
+    config = synthetic.text_config("qwen3_5_2b")
+    assert config.num_hidden_layers == 24 and config.hidden_size == 2048
+    assert config.layer_types.count("full_attention") == 6  # every 4th layer
+    assert 1.8e9 < synthetic.parameter_count("qwen3_5_2b") < 2.0e9  # "2B", tied embeddings
+    with torch.device("meta"):
+        model = transformers.Qwen3_5ForCausalLM(config)
+    writers = resolve_residual_writers(model)
+    paths = [writer.path for writer in writers.all_layer_writers()]
+    assert sum(p.endswith("linear_attn.out_proj") for p in paths) == 18
+    assert sum(p.endswith("self_attn.o_proj") for p in paths) == 6
+    assert sum(p.endswith("mlp.down_proj") for p in paths) == 24
+
+
+@pytest.mark.slow  # a minute: the synthetic stages on a tiny model, with SmolLM2's GGUF tokenizer
+def test_synthetic_benchmark_path_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--device", "cpu", "--synthetic", "tiny",
+         "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", ABLITERATE_CACHE=str(tmp_path / "cache")),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("sweep_overhead_ratio", "extraction_ratio", "generation_ratio", "peak_rss_gb"):
+        assert report[key] > 0, key
+    assert report["ratio_vs_heretic"] is None  # no Heretic on the synthetic path
+    sweep = report["results"]["sweep"]
+    assert sweep["trials"] == 4 and sweep["warm_trial_median"]["generation"] > 0
+    assert report["results"]["cost_model"]["trials"] == 480
