@@ -351,7 +351,10 @@ KILL_POINTS = {
     # glob under the cache that marks the stage, and what is running when it appears
     "activations": "activations/*.safetensors",  # first entry written; others still computing
     "baseline-evaluation": "baseline_eval/*.lock",  # the unedited model is generating
-    "ablated-evaluation": "baseline_eval/*/sets.json",  # baseline stored; ablated model running
+    # baseline stored, ablated model running; the entry's own name (a 20-character key), not
+    # the staging directory it is renamed from ("<key>.tmp-<pid>"), where a kill would come
+    # before the rename and the relaunch could not reuse the baseline
+    "ablated-evaluation": "baseline_eval/" + "?" * 20 + "/sets.json",
 }
 
 

@@ -48,7 +48,7 @@ class _RowStops(StoppingCriteria):
         steps_left: int,
         stop_when_decided: bool,
         compact_after: int,
-        check_every: int = 4,
+        check_every: int = 2,
     ):
         self.tokenizer = tokenizer
         self.end_ids = end_ids
