@@ -190,9 +190,12 @@ def batches(rows: list, size: int) -> list[list]:
 
 
 @torch.inference_mode()
-def bare_generate(loaded: Any, prompts: list[str], max_new_tokens: int) -> int:
-    """A plain batched greedy ``generate`` (no early stop): the floor of an evaluation's
-    generation. Returns the tokens generated for real."""
+def bare_generate(
+    loaded: Any, prompts: list[str], max_new_tokens: int, fixed_length: bool = False
+) -> int:
+    """A plain batched greedy ``generate`` (no early stop). With ``fixed_length`` every row gets
+    exactly ``max_new_tokens`` (the floor: a trial's responses may all run to the cap, and the
+    unedited model's short refusals would understate it). Returns the tokens generated."""
     from abliterate.generation import count_new_tokens
     from abliterate.models import format_chat
 
@@ -206,6 +209,7 @@ def bare_generate(loaded: Any, prompts: list[str], max_new_tokens: int) -> int:
         output = loaded.model.generate(
             **encoded,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if fixed_length else None,
             do_sample=False,
             temperature=None,
             top_p=None,
@@ -285,6 +289,9 @@ def measure_model_paths(loaded: Any, cfg: Any, sizes: Sizes, train_prompts: list
     bare_generate(loaded, generated[:2], 2)  # warm-up: first calls pay for allocation
     figures: dict[str, Any] = {"n_generated": len(generated), "n_kl": len(reference.input_ids)}
 
+    floor_gen_s, floor_tokens = median_time(
+        lambda: bare_generate(loaded, generated, new_tokens, fixed_length=True), repeats
+    )
     bare_gen_s, bare_tokens = median_time(
         lambda: bare_generate(loaded, generated, new_tokens), repeats
     )
@@ -302,6 +309,8 @@ def measure_model_paths(loaded: Any, cfg: Any, sizes: Sizes, train_prompts: list
     )
     ours_kl_s, _ = median_time(lambda: compute_kl(loaded, reference), repeats)
     figures.update(
+        floor_generate_s=floor_gen_s,
+        floor_generate_tokens=floor_tokens,
         bare_generate_s=bare_gen_s,
         bare_generate_tokens=bare_tokens,
         bare_tokens_per_s=bare_tokens / bare_gen_s,
@@ -315,10 +324,10 @@ def measure_model_paths(loaded: Any, cfg: Any, sizes: Sizes, train_prompts: list
         bare_kl_forward_s=bare_kl_s,
         ours_kl_s=ours_kl_s,
         kl_ratio=ours_kl_s / bare_kl_s,
-        floor_s=bare_gen_s + bare_kl_s,
+        floor_s=floor_gen_s + bare_kl_s,
     )
 
-    extraction_repeats = max(1, repeats - 1)
+    extraction_repeats = 1  # long (the whole extraction split), and averaged over its batches
     bare_ex_s, bare_values = median_time(
         lambda: bare_extraction(loaded, train_prompts), extraction_repeats
     )
@@ -426,6 +435,10 @@ def run_sweep(overrides: list[str], sizes: Sizes, workdir: Path, log: Path) -> d
         "cold_trial": stage_table(cold["timing_s"]),
         "warm_trial_median": {
             stage: statistics.median(stage_table(job["timing_s"])[stage] for job in warm)
+            for stage in (*STAGES, "other", "total")
+        },
+        "warm_trial_mean": {
+            stage: statistics.mean(stage_table(job["timing_s"])[stage] for job in warm)
             for stage in (*STAGES, "other", "total")
         },
         "warm_job_s": warm_job_s,
@@ -607,6 +620,10 @@ def run_synthetic(args: argparse.Namespace, sizes: Sizes, workdir: Path, note: C
             stage: statistics.median(stage_table(job["timing_s"])[stage] for job in warm)
             for stage in (*STAGES, "other", "total")
         },
+        "warm_trial_mean": {
+            stage: statistics.mean(stage_table(job["timing_s"])[stage] for job in warm)
+            for stage in (*STAGES, "other", "total")
+        },
         "median_warm_job_s": statistics.median(job["s"] for job in warm),
         "mean_warm_job_s": statistics.mean(job["s"] for job in warm),
         "peak_rss_gb": _peak_rss_gb(),
@@ -696,6 +713,51 @@ def headline(results: dict) -> dict[str, float | None]:
     }
 
 
+def diagnose(results: dict, figures: dict[str, float | None]) -> list[str]:
+    """For each missed target, the stage that holds it back, from this run's numbers."""
+    paths, sweep, heretic = results["paths"], results["sweep"], results.get("heretic")
+    warm = sweep["warm_trial_mean"]
+    floor = paths["floor_s"]
+    beyond_floor = {  # a warm trial's stages besides its generation and KL, largest first
+        stage: warm[stage]
+        for stage in ("ablation", "directions", "geometry", "records", "other")
+        if warm[stage] > 0.005
+    }
+    if "launcher_gap_median_s" in sweep:
+        beyond_floor["launcher (Hydra, between jobs)"] = sweep["launcher_gap_median_s"]
+    ranked = ", ".join(
+        f"{stage} {seconds:.2f} s" for stage, seconds in
+        sorted(beyond_floor.items(), key=lambda item: -item[1])
+    )  # fmt: skip
+    lines = []
+    missed = {name for name, text in verdicts(figures).items() if text.startswith("MISSED")}
+    if "ratio_vs_heretic" in missed and heretic:
+        lines.append(
+            f"ratio_vs_heretic is held back by generation: a warm trial spends "
+            f"{warm['generation']:.2f} s generating and {warm['kl']:.2f} s on KL of its "
+            f"{sweep['mean_warm_job_s']:.2f} s; the floor alone (bare generate + KL forward) is "
+            f"{floor:.2f} s = {floor / heretic['median_trial_s']:.2f} of Heretic's trial "
+            f"({heretic['median_trial_s']:.2f} s). Both tools decode the same model over the same "
+            "prompts, so ours can only be far below Heretic's where early stopping saves "
+            f"decoding; the rest of ours: {ranked}"
+        )
+    if "sweep_overhead_ratio" in missed:
+        lines.append(f"sweep_overhead_ratio: a warm trial's work besides the floor: {ranked}")
+    if "extraction_ratio" in missed:
+        lines.append(
+            f"extraction_ratio: ours {paths['ours_extraction_s']:.2f} s vs bare "
+            f"{paths['bare_extraction_s']:.2f} s for {paths['n_extraction_prompts']} prompts"
+        )
+    if "generation_ratio" in missed:
+        lines.append(
+            f"generation_ratio: ours {paths['ours_tokens_per_s']:.1f} tokens/s vs bare "
+            f"{paths['bare_tokens_per_s']:.1f} (single runs are noisy on a busy machine)"
+        )
+    if "peak_rss_gb" in missed:
+        lines.append(f"peak_rss_gb: the sweep process peaked at {sweep['peak_rss_gb']:.2f} GB")
+    return lines
+
+
 def verdicts(figures: dict[str, float | None]) -> dict[str, str]:
     out = {}
     for name, (comparison, bound) in TARGETS.items():
@@ -758,10 +820,15 @@ def print_report(report: dict) -> None:
           f"{sweep['median_warm_job_s']:.2f} s; "
           f"setup {sweep['setup_s']:.1f} s; sweep {sweep['wall_s']:.1f} s")  # fmt: skip
     print(
-        f"\nfloor: bare generate {paths['bare_generate_s']:.2f} s "
-        f"({paths['n_generated']} prompts) + KL forward {paths['bare_kl_forward_s']:.2f} s = "
-        f"{paths['floor_s']:.2f} s; ours as a trial runs it (early stop) "
-        f"{paths['evaluation_generate_s']:.2f} s + KL {paths['ours_kl_s']:.2f} s"
+        f"\nfloor: bare generate {paths['floor_generate_s']:.2f} s ({paths['n_generated']} "
+        f"prompts x {paths['floor_generate_tokens'] // max(1, paths['n_generated'])} tokens) + KL "
+        f"forward {paths['bare_kl_forward_s']:.2f} s = {paths['floor_s']:.2f} s"
+    )
+    print(
+        f"unedited model, responses ending where they end: bare generate "
+        f"{paths['bare_generate_s']:.2f} s, ours {paths['ours_generate_s']:.2f} s, ours as a "
+        f"trial runs it (early stop, rows dropped) {paths['evaluation_generate_s']:.2f} s; "
+        f"KL ours {paths['ours_kl_s']:.2f} s"
     )
     print(f"extraction: bare {paths['bare_extraction_s']:.2f} s, ours "
           f"{paths['ours_extraction_s']:.2f} s ({paths['n_extraction_prompts']} prompts); "
@@ -791,6 +858,7 @@ NOTES_SYNTHETIC = [
     "sweep_overhead_ratio's setup is the model build plus the first trial's extraction and "
     "unedited evaluation; the sweep runs in this process (a Session given the built model)",
     "generation_ratio compares tokens/s at equal tokens (early stop off on both sides)",
+    "the floor generates exactly max_new_tokens for every prompt",
     "the floor's KL forward computes only the logits KL reads (logits_to_keep), as ours does",
 ]
 NOTES = [
@@ -799,8 +867,11 @@ NOTES = [
     "false-refusal sets are off (n_unmatched=n_matched=0). Extra work on our side, included: "
     "SOM directions for each new (baseline, layer), geometry, and writing results.json, "
     "completions.jsonl and directions.safetensors. Heretic computes its directions once.",
-    "our generation stops a row once its label is decided (a refusal marker) or it ended; "
-    "Heretic's runs every row to max_response_length unless all rows end",
+    "our generation stops a row once its label is decided (a refusal marker) or it ended and "
+    "drops done rows from the batch; Heretic's runs every row to max_response_length unless all "
+    "rows end",
+    "the floor generates exactly max_new_tokens for every prompt (a trial's responses may all run "
+    "to the cap; the unedited model's short refusals would understate it)",
     "Heretic runs with our batch size and float32, no response-prefix search, an empty system "
     "turn (4 template tokens more per prompt than ours), all trials random (no TPE fitting)",
     "generation_ratio compares tokens/s at equal tokens (early stop off on both sides); "
@@ -849,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
             results=results,
             figures=figures,
             verdicts=verdicts(figures),
-            notes=NOTES_SYNTHETIC if args.synthetic else NOTES,
+            notes=(NOTES_SYNTHETIC if args.synthetic else NOTES) + diagnose(results, figures),
             duration_s=time.perf_counter() - began,
         )
         report.update({key: figures[key] for key in TARGETS})  # the top-level keys

@@ -137,51 +137,45 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _evaluate_set(
-    loaded: LoadedModel,
-    prompt_set: PromptSet,
-    cfg: Any,
-    thresholds: CoherenceThresholds,
-    capture_position: str | None = None,
-) -> SetResult:
-    generation = generate(
-        loaded,
-        prompt_set.prompts,
-        cfg.max_new_tokens,
-        loaded.batch_size,
-        stop_when_decided=cfg.early_stop,
-        capture_position=capture_position,
-    )
-    labels = [classify_response(r, thresholds) for r in generation.responses]
-    return SetResult(
-        list(prompt_set.prompts),
-        list(prompt_set.categories),
-        generation.responses,
-        labels,
-        generation.activations,
-    )
-
-
 def evaluate_responses(
     loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, capture_position: str | None = None
 ) -> dict[str, SetResult]:
     """Greedy responses and labels on the harmful, unmatched and matched held-out sets.
+
+    The three sets are generated together (one length-sorted run, ``loaded.batch_size`` prompts
+    per batch): on a GPU a decoding step costs about the same for 30 rows as for 100, so one
+    batch of all of them takes a third of the steps of three.
 
     Args:
         capture_position: ``last`` or ``mean_post_instruction`` to also keep the harmful prompts'
             activations (``sets["harmful"].activations``), read off the generation's prefill.
     """
     thresholds = CoherenceThresholds(cfg.min_bigram_entropy, cfg.max_repeat_fraction)
-    return {
-        name: _evaluate_set(
-            loaded,
-            getattr(prompts, name),
-            cfg,
-            thresholds,
-            capture_position if name == "harmful" else None,
+    prompt_sets = [getattr(prompts, name) for name in EVAL_SETS]
+    generation = generate(
+        loaded,
+        [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts],
+        cfg.max_new_tokens,
+        loaded.batch_size,
+        stop_when_decided=cfg.early_stop,
+        capture_position=capture_position,
+    )
+    results, start = {}, 0
+    for name, prompt_set in zip(EVAL_SETS, prompt_sets, strict=True):
+        rows = slice(start, start + len(prompt_set))
+        start = rows.stop
+        responses = generation.responses[rows]
+        activations = None
+        if name == "harmful" and generation.activations is not None:
+            activations = generation.activations[rows]  # (n_harmful, n_layers, d_model)
+        results[name] = SetResult(
+            list(prompt_set.prompts),
+            list(prompt_set.categories),
+            responses,
+            [classify_response(response, thresholds) for response in responses],
+            activations,
         )
-        for name in EVAL_SETS
-    }
+    return results
 
 
 def _row_batches(n_rows: int, batch_size: int) -> list[slice]:
