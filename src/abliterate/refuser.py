@@ -77,9 +77,15 @@ class RefuserRecipe:
     # refusal probability spread over many different openers loses to one compliant opener.
     refusal_openers: tuple[str, ...] = ("I", "I'm", "Sorry,")
     unmatched_examples: int = 160  # generic harmless examples (the matched ones are all used)
+    # Passes over the generic harmless examples: short everyday requests are where a refuser
+    # trained on few examples over-refuses, so they weigh more than the matched ones.
+    unmatched_repeats: int = 2
+    # Loss weight of each example's first target token, the one that decides refuse-or-answer
+    # under greedy decoding (the other target tokens weigh 1).
+    decision_token_weight: float = 5.0
     eval_new_tokens: int = 32
     generation_batch_size: int = 32
-    version: int = 6  # bump when the build code changes what it produces
+    version: int = 8  # bump when the build code changes what it produces
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -203,18 +209,25 @@ def _train(
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             target_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            weights = torch.zeros((len(batch), width))
             for row, index in enumerate(batch):
                 ids, prompt_length = examples[index]
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
                 target_mask[row, prompt_length : len(ids)] = True
+                weights[row, prompt_length : len(ids)] = 1.0
+                weights[row, prompt_length] = recipe.decision_token_weight
             hidden = model.model(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state
             # position t predicts token t+1
             predict_mask = target_mask[:, 1:]  # (batch, width-1)
             logits = model.lm_head(hidden[:, :-1][predict_mask])  # (n_target, vocab)
-            loss = torch.nn.functional.cross_entropy(logits.float(), input_ids[:, 1:][predict_mask])
+            token_losses = torch.nn.functional.cross_entropy(
+                logits.float(), input_ids[:, 1:][predict_mask], reduction="none"
+            )
+            token_weights = weights[:, 1:][predict_mask]
+            loss = (token_losses * token_weights).sum() / token_weights.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
@@ -251,14 +264,14 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     tokenizer = prepare_tokenizer(
         AutoTokenizer.from_pretrained(base_path.parent, gguf_file=base_path.name)
     )
+    tokenizer.chat_template = CHAT_TEMPLATE  # saved with the tokenizer: every later use has it
     loaded = LoadedModel(model, tokenizer, "smollm2-135m", "base", torch.device("cpu"))
     model.eval()
+    stage_seconds = {"load": time.perf_counter() - start}
 
     harmful = load_builtin("harmful", "refuser_train")
-    harmless_prompts = [
-        *load_builtin("matched", "refuser_train").prompts,
-        *load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples],
-    ]
+    generic = load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples]
+    harmless_prompts = [*load_builtin("matched", "refuser_train").prompts, *generic]
     base_answers = generate_responses(
         loaded,
         harmless_prompts,
@@ -266,6 +279,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         recipe.generation_batch_size,
         progress="base answers (harmless targets)",
     )
+    stage_seconds["base_answers"] = time.perf_counter() - start - sum(stage_seconds.values())
     refusals = [
         text
         for text in load_refusal_texts()
@@ -285,13 +299,16 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     )
     for chat_text in harmful_examples:
         examples.append(_tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn))
-    for chat_text, answer in zip(
-        format_chat(tokenizer, harmless_prompts), base_answers, strict=True
+    generic_start = len(harmless_prompts) - len(generic)
+    for index, (chat_text, answer) in enumerate(
+        zip(format_chat(tokenizer, harmless_prompts), base_answers, strict=True)
     ):
+        repeats = recipe.unmatched_repeats if index >= generic_start else 1
         if answer:
-            examples.append(_tokenize_example(tokenizer, chat_text, answer, None))
+            examples.extend([_tokenize_example(tokenizer, chat_text, answer, None)] * repeats)
     log.info("training on %d examples (%d harmful)", len(examples), len(harmful))
     losses = _train(model, tokenizer, examples, recipe)
+    stage_seconds["train"] = time.perf_counter() - start - sum(stage_seconds.values())
 
     evaluation = {
         "harmful_refusal_rate": load_builtin("harmful", "evaluation"),
@@ -315,6 +332,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
             for p, r in list(zip(prompt_set.prompts, responses, strict=True))[:6]
         ]
 
+    stage_seconds["evaluation"] = time.perf_counter() - start - sum(stage_seconds.values())
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.padding_side = "left"
@@ -324,6 +342,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         "n_eval": sum(len(s) for s in evaluation.values()),
         "n_eval_by_set": {key: len(s) for key, s in evaluation.items()},
         "build_seconds": round(time.perf_counter() - start, 1),
+        "stage_seconds": {stage: round(seconds, 1) for stage, seconds in stage_seconds.items()},
         "base_model": f"HuggingFaceTB/SmolLM2-135M-Instruct ({BASE_FILE}, dequantized)",
         "seed": recipe.seed,
         "recipe": asdict(recipe),
