@@ -387,6 +387,16 @@ STAGES = ("load", "activations", "directions", "baseline_evaluation", "ablation"
           "kl", "geometry", "records")  # fmt: skip
 
 
+def warm_trial_summary(warm: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per-stage median and mean over the warm trials of a sweep."""
+    tables = [stage_table(job["timing_s"]) for job in warm]
+    stages = (*STAGES, "other", "total")
+    return {
+        "warm_trial_median": {s: statistics.median(t[s] for t in tables) for s in stages},
+        "warm_trial_mean": {s: statistics.mean(t[s] for t in tables) for s in stages},
+    }
+
+
 def stage_table(timing: dict[str, float]) -> dict[str, float]:
     table = {stage: timing.get(stage, 0.0) for stage in STAGES}
     table["other"] = timing["total"] - sum(table.values())
@@ -433,14 +443,7 @@ def run_sweep(overrides: list[str], sizes: Sizes, workdir: Path, log: Path) -> d
         "teardown_s": exited - jobs[-1]["end"],
         "setup_s": startup + one_time,
         "cold_trial": stage_table(cold["timing_s"]),
-        "warm_trial_median": {
-            stage: statistics.median(stage_table(job["timing_s"])[stage] for job in warm)
-            for stage in (*STAGES, "other", "total")
-        },
-        "warm_trial_mean": {
-            stage: statistics.mean(stage_table(job["timing_s"])[stage] for job in warm)
-            for stage in (*STAGES, "other", "total")
-        },
+        **warm_trial_summary(warm),
         "warm_job_s": warm_job_s,
         "median_warm_job_s": statistics.median(warm_job_s),
         "mean_warm_job_s": statistics.mean(warm_job_s),
@@ -616,14 +619,7 @@ def run_synthetic(args: argparse.Namespace, sizes: Sizes, workdir: Path, note: C
         "wall_s": build_s + sweep_s,  # a sweep's process loads (here: builds) the model first
         "setup_s": build_s + one_time,
         "cold_trial": stage_table(cold["timing_s"]),
-        "warm_trial_median": {
-            stage: statistics.median(stage_table(job["timing_s"])[stage] for job in warm)
-            for stage in (*STAGES, "other", "total")
-        },
-        "warm_trial_mean": {
-            stage: statistics.mean(stage_table(job["timing_s"])[stage] for job in warm)
-            for stage in (*STAGES, "other", "total")
-        },
+        **warm_trial_summary(warm),
         "median_warm_job_s": statistics.median(job["s"] for job in warm),
         "mean_warm_job_s": statistics.mean(job["s"] for job in warm),
         "peak_rss_gb": _peak_rss_gb(),
