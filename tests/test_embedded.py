@@ -53,6 +53,20 @@ def test_cache_key_changes_with_the_recipe():
     )
 
 
+def test_base_gguf_loads_as_a_plain_model_and_gguf_is_left_as_it_was():
+    import gguf
+
+    from abliterate.models import load_gguf_as_plain_model
+
+    original = gguf.get_tensor_name_map
+    model = load_gguf_as_plain_model(refuser.find_base_gguf(), None, torch.float32)
+    # the name-table memo lives only for the load
+    assert gguf.get_tensor_name_map is original
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.config.num_hidden_layers == 30 and model.lm_head.weight.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_saved_model_loads_with_from_pretrained_and_refuses(refuser_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
