@@ -42,7 +42,7 @@ test: install ## Install, then run the whole test suite (slow tests included)
 test-fast: install ## Tests without the embedded model (-m "not slow")
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-bench: model ## Benchmark vs bare transformers and Heretic (~10 min, quiet machine; ARGS=--quick: ~3 min)
+bench: model ## Benchmark vs bare transformers and Heretic (~15 min, quiet machine; ARGS=--quick: ~3 min)
 	# installs Heretic (PyPI heretic-llm, pinned) into benchmarks/.heretic-venv on first use;
 	# writes benchmarks/latest.json (--quick: latest-embedded-quick.json); never run by the tests
 	$(PY) benchmarks/bench.py $(ARGS)

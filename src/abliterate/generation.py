@@ -23,8 +23,10 @@ from abliterate.activations import PromptActivationCapture, check_finite
 from abliterate.classify import is_label_decided
 from abliterate.models import LoadedModel, format_chat
 
-# Drop finished rows from a batch once this share of them is done: a CPU's cost per decoding step
-# grows with the rows in the batch, and a refusing row is decided a few tokens in.
+# Drop finished rows from a batch once this share of them is done (a refusing row is decided a
+# few tokens in). The gain depends on how a step's cost grows with its rows: on the 2-core CPU
+# a 4-row step costs 0.75-0.9 of a 32-row one (benchmarks/decode_profile.py), so it saved 3% of
+# the unedited model's evaluation there; it saves most where rows are expensive.
 COMPACT_FRACTION = 0.25
 _MIN_STEPS_LEFT_TO_COMPACT = 4  # fewer steps left: not worth another generate call
 
@@ -234,9 +236,12 @@ def _generate_batch(
         row_steps += len(rows) * new
         keep = (~stops.done).nonzero().flatten().to(input_ids.device)
         cache = output.cache
-        if len(keep) == len(rows) or not hasattr(cache, "reorder_cache"):
-            break  # ran to the end (or a cache that cannot drop rows: padded to the end)
-        cache.reorder_cache(keep)  # keep only these rows' keys, values and recurrent states
+        if len(keep) == len(rows):
+            break  # ran to the end
+        if hasattr(cache, "reorder_cache"):
+            cache.reorder_cache(keep)  # keep only these rows' keys, values and recurrent states
+        else:
+            cache = None  # a legacy cache cannot drop rows: the rest re-read their prefix
         input_ids = sequences[keep]
         attention_mask = torch.cat(
             [attention_mask, attention_mask.new_ones((len(attention_mask), new))], dim=1
