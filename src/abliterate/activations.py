@@ -14,7 +14,6 @@ every later trial and process (and every SLURM job sharing the cache) reuses the
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from abliterate.architectures import get_decoder_layers
 from abliterate.models import LoadedModel, count_post_instruction_tokens, format_chat
 from abliterate.prompts import PromptSet
+from abliterate.provenance import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,20 @@ def template_fingerprint(loaded: LoadedModel) -> str:
     return hashlib.sha256(probe.encode()).hexdigest()[:12]
 
 
-def activation_cache_key(loaded: LoadedModel, prompt_set: PromptSet, position: str) -> str:
+def activation_cache_key(
+    loaded: LoadedModel, prompt_set: PromptSet, position: str, batch_size: int | None = None
+) -> str:
     parts = {
         "model": loaded.identity,
         "dtype": str(next(loaded.model.parameters()).dtype),
+        "device": loaded.device.type,
+        # padding follows the batch, and padding changes the last bits of every activation
+        "batch_size": batch_size or loaded.batch_size,
         "prompts": prompt_set.fingerprint(),
         "position": position,
         "template": template_fingerprint(loaded),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_key(parts)
 
 
 def _checksum(tensor: torch.Tensor) -> str:
@@ -239,7 +244,7 @@ def collect_activations(
         return Activations(prompt_set, values, cache_hit=False)
     directory = Path(cache_dir) / "activations"
     directory.mkdir(parents=True, exist_ok=True)
-    key = activation_cache_key(loaded, prompt_set, position)
+    key = activation_cache_key(loaded, prompt_set, position, batch_size)
     path = directory / f"{key}.safetensors"
     values = _read_entry(path)
     if values is not None:

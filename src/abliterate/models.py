@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from abliterate.config import ConfigError
+from abliterate.provenance import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     identity: (
-        str  # what the weights are (path or repo@revision, or a content hash): cache keys use it
+        str  # what the weights are (hub commit, folder or file signature): cache keys use it
     )
     device: torch.device
     system_prompt: str | None = None
@@ -133,13 +134,13 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         directory = ensure_refuser(Path(cache_dir))
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        identity = f"embedded:{directory.name}"
+        identity = model_identity("embedded", directory)
     elif cfg.source == "gguf":
         model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
         path = Path(cfg.path)
         directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-        identity = f"gguf:{path.resolve()}"
+        identity = model_identity("gguf", directory / file)
     elif cfg.source == "hub":
         local = Path(cfg.path)
         if (
@@ -163,7 +164,7 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
-        identity = f"hub:{cfg.path}@{cfg.revision or 'main'}"
+        identity = model_identity("hub", cfg.path, model.config, cfg.revision)
     else:
         raise ValueError(
             f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"

@@ -20,8 +20,6 @@ what else a trial costs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from contextlib import ExitStack
@@ -36,7 +34,7 @@ from abliterate import activations as activations_stage
 from abliterate import directions as directions_stage
 from abliterate import evaluation as evaluation_stage
 from abliterate import geometry as geometry_stage
-from abliterate import records
+from abliterate import provenance, records
 from abliterate.ablation import apply_ablation
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import ConfigError, validate_config
@@ -79,9 +77,14 @@ SESSION = Session()
 
 def _key(node: Any) -> str:
     container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
+    return provenance.digest(container)
+
+
+def effective_extraction(cfg: DictConfig) -> DictConfig:
+    """The extraction config with its seed resolved: ``extraction.seed`` when set, else the
+    trial's top-level ``seed`` (so a sweep over ``seed`` gives real replicates)."""
+    seed = cfg.extraction.seed if cfg.extraction.seed is not None else cfg.seed
+    return OmegaConf.merge(cfg.extraction, {"seed": int(seed)})  # type: ignore[return-value]
 
 
 def _timed(timing: dict[str, float], stage: str):
@@ -192,23 +195,35 @@ def run_trial(
     validate_config(cfg)
     output_dir = Path(output_dir or cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    existing = records.read_complete_results(output_dir)
+    config_hash = provenance.config_hash(cfg)
+    existing, stale = records.find_reusable_results(
+        output_dir, config_hash, provenance.code_version()
+    )
     if existing is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true reruns it)", output_dir)
         return existing
-    if existing is not None:
-        # a forced rerun that dies midway must not leave the old "complete" beside new files
+    if stale is not None:
+        print(
+            f"{output_dir}: {stale}; rerunning (the old results kept as "
+            f"{records.RESULTS_FILE}.superseded)",
+            flush=True,
+        )
+    if existing is not None or stale is not None:
+        # a rerun that dies midway must not leave the old "complete" beside new files
         records.retire_results(output_dir)
     timing: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
-    # 1-2. model and prompt sets; the layer (from the model's config file) and the prompt sets
-    # are checked before any weights load
+    # 1-2. model and prompt sets; the layer (from the model's config file), the prompt sets and
+    # the evaluation's sizes are checked before any weights load
     with _timed(timing, "load"):
         if session.model_key != _key(cfg.model):
             check_layer(cfg.layer, count_model_layers(cfg.model))
         sets = _load_prompt_sets(cfg, session)
+        eval_prompts = evaluation_stage.select_eval_prompts(
+            sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
+        )
         loaded = _load_model_stage(cfg, session)
         writers = session.writers
         assert writers is not None
@@ -226,10 +241,16 @@ def run_trial(
     unmatched_mean = acts["unmatched_train"].mean(layer)  # (d_model,) float64
     matched_means = {c or "": m for c, m in acts["matched_train"].category_means(layer).items()}
 
-    # 4. directions
+    # 4. directions (memoised on everything they depend on: the model is the session's)
+    extraction = effective_extraction(cfg)
     with _timed(timing, "directions"):
-        direction_key = (
-            f"{_key(cfg.extraction)}:{cfg.baseline.name}:{layer}:{harmful.prompt_set.fingerprint()}"
+        direction_key = provenance.digest(
+            {
+                "extraction": _key(extraction),
+                "baseline": cfg.baseline.name,
+                "layer": layer,
+                "prompts": [acts[name].prompt_set.fingerprint() for name in TRAIN_SETS],
+            }
         )
         if direction_key not in session.directions:
             session.directions[direction_key] = directions_stage.extract_directions(
@@ -238,7 +259,7 @@ def run_trial(
                 cfg.baseline.name,
                 unmatched_mean,
                 matched_means,
-                cfg.extraction,
+                extraction,
                 layer,
             )
         directions = session.directions[direction_key]
@@ -258,9 +279,6 @@ def run_trial(
     # (its generation also records the harmful prompts' activations, for the perturbation ratio)
     position = cfg.extraction.position
     with _timed(timing, "evaluation"), _timed(timing, "baseline_evaluation"):
-        eval_prompts = evaluation_stage.select_eval_prompts(
-            sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
-        )
         baseline_key = evaluation_stage.baseline_eval_key(loaded, eval_prompts, cfg.eval, position)
         baseline_memo_hit = baseline_key in session.baselines
         if not baseline_memo_hit:
@@ -358,6 +376,7 @@ def run_trial(
             "mode": cfg.ablation.mode,
             "num_layers": num_layers,
             "seed": int(cfg.seed),
+            "extraction_seed": int(extraction.seed),
         },
         "directions": {
             "count": len(directions.vectors),
@@ -375,6 +394,7 @@ def run_trial(
             "baseline_eval": "hit" if baseline_memo_hit or baseline.cache_hit else "miss",
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance.provenance_record(cfg, loaded.batch_size),
     }
     directions_stage.save_directions(
         output_dir / records.DIRECTIONS_FILE,
@@ -425,7 +445,10 @@ def main(cfg: DictConfig) -> float | list[float]:
 
     validate_config(cfg)  # a typo fails before a W&B run is started for it
     output_dir = Path(cfg.paths.output_dir)
-    skipped = records.read_complete_results(output_dir) is not None and not cfg.force
+    reusable, _ = records.find_reusable_results(
+        output_dir, provenance.config_hash(cfg), provenance.code_version()
+    )
+    skipped = reusable is not None and not cfg.force
     tracker = tracking.Tracker() if skipped else tracking.start_tracking(cfg, output_dir)
     exit_code = 1
     try:

@@ -85,6 +85,30 @@ def read_complete_results(output_dir: Path) -> dict[str, Any] | None:
     return results if results.get("status") == "complete" else None
 
 
+def find_reusable_results(
+    output_dir: Path, config_hash: str, code_version: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A finished trial's results, if they were made by this config and this code.
+
+    Returns:
+        ``(results, None)`` when the complete results.json has the same config hash and code
+        version; ``(None, why)`` when a complete one exists but was made otherwise (``why`` says
+        what differs, in one line); ``(None, None)`` when there is no complete result.
+    """
+    results = read_complete_results(output_dir)
+    if results is None:
+        return None, None
+    recorded = results.get("provenance") or {}
+    differences = []
+    if recorded.get("config_hash") != config_hash:
+        differences.append(f"config hash {recorded.get('config_hash')} -> {config_hash}")
+    if recorded.get("code_version") != code_version:
+        differences.append(f"code version {recorded.get('code_version')} -> {code_version}")
+    if differences:
+        return None, f"the finished trial was made with another {' and '.join(differences)}"
+    return results, None
+
+
 def write_completions(output_dir: Path, rows: list[dict[str, Any]]) -> Path:
     path = output_dir / COMPLETIONS_FILE
 
@@ -97,19 +121,25 @@ def write_completions(output_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def format_summary(results: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
+    """A few lines for the terminal (a rate of an empty set, None in results.json, shows n/a)."""
     trial, ev, geometry = results["trial"], results["eval"], results["geometry"]
     base = results["baseline_eval"]
+
+    def rate(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     lines = [
         f"trial  {trial['model']}  baseline={trial['baseline']}  extraction={trial['extraction']}"
         f"/{trial['orthogonalize']}  layer={trial['layer']}  w={trial['weight']}  scope={trial['scope']}"
         f"  combine={trial['combine']}",
         f"  directions: {results['directions']['count']} (degenerate {results['directions']['degenerate']})",
-        f"  harmful refusal   {base['refusal_rate']:.2f} -> {ev['refusal_rate']:.2f}"
-        f"   (comply {ev['comply_rate']:.2f}, evasive {ev['evasive_rate']:.2f}, n={ev['n_harmful']})",
-        f"  harmless refusal  {base['harmless_refusal_rate']:.2f} -> {ev['harmless_refusal_rate']:.2f}"
-        f"   matched {base['matched_harmless_refusal_rate']:.2f} -> {ev['matched_harmless_refusal_rate']:.2f}",
-        f"  KL {ev['kl_divergence']:.4f} ({ev['kl_tokens']} tok)   efficiency {ev['efficiency']:.1f}",
+        f"  harmful refusal   {rate(base['refusal_rate'])} -> {rate(ev['refusal_rate'])}"
+        f"   (comply {rate(ev['comply_rate'])}, evasive {rate(ev['evasive_rate'])}, n={ev['n_harmful']})",
+        f"  harmless refusal  {rate(base['harmless_refusal_rate'])} -> {rate(ev['harmless_refusal_rate'])}"
+        f" (n={ev.get('n_harmless', '?')})   matched {rate(base['matched_harmless_refusal_rate'])}"
+        f" -> {rate(ev['matched_harmless_refusal_rate'])} (n={ev.get('n_matched', '?')})",
+        f"  KL {ev['kl_divergence']:.4f} ({ev.get('n_kl_prompts', '?')} prompts x {ev['kl_tokens']} tok)"
+        f"   efficiency {ev['efficiency']:.1f}",
         f"  geometry: |m|/|u| {_fmt(geometry.get('norm_ratio_matched_to_unmatched'))}"
         f"  cos(m,u) {_fmt(geometry.get('cos_matched_unmatched'))}"
         f"  cos(t,u) {_fmt(geometry.get('cos_topic_unmatched'))}"

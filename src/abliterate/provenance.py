@@ -1,0 +1,178 @@
+"""What a result depends on: config hash, code version, library versions, model identity.
+
+Every cache key and every results.json is tied to these, so that nothing computed under other
+settings, other code or other weights is ever reused as if it were current:
+
+- :func:`config_hash`: the resolved trial config without the keys that cannot change a result
+  (``logger``, ``paths``, ``force``, ``objectives``);
+- :data:`RESULTS_VERSION`: bumped by hand whenever a change alters what a trial computes (a
+  number, a label, a file format); it is part of :func:`code_version`, which a relaunch compares
+  before it skips a finished trial, and of every cache key;
+- :func:`library_versions`: torch and transformers change numerics, so cache keys include them;
+- :func:`model_identity`: what the weights are (a hub commit, a content signature of a local
+  folder, the GGUF file itself), not what the config calls them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import abliterate
+
+log = logging.getLogger(__name__)
+
+# 1: schema-1 results (three labels, KL over forced text). 2: KL stops where the original ends,
+# effective counts and provenance recorded, seeds and memo keys fixed (issue 13).
+RESULTS_VERSION = 2
+
+# Top-level config keys that never change a trial's numbers.
+NON_RESULT_KEYS: tuple[str, ...] = ("logger", "paths", "force", "objectives", "hydra")
+
+_HASH_CHARS = 16
+
+
+def digest(payload: Any, chars: int = _HASH_CHARS) -> str:
+    """A short sha256 of a JSON-serialisable payload (keys sorted; anything else via ``str``)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:chars]
+
+
+def code_version() -> str:
+    """The package version and the results version: what a relaunch compares."""
+    return f"{abliterate.__version__}+results.{RESULTS_VERSION}"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from (``-dirty`` if modified), or None."""
+    root = Path(abliterate.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics or behaviour a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "minisom", "numpy", "safetensors", "hydra-core"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def cache_key(parts: Mapping[str, Any], chars: int = 20) -> str:
+    """A cache key over ``parts`` plus the code's results version and the numeric libraries."""
+    versions = library_versions()
+    return digest(
+        {
+            **parts,
+            "results_version": RESULTS_VERSION,
+            "torch": versions.get("torch"),
+            "transformers": versions.get("transformers"),
+        },
+        chars,
+    )
+
+
+def result_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config without the keys that cannot change a result."""
+    if isinstance(cfg, DictConfig):
+        kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS])
+        return OmegaConf.to_container(kept, resolve=True)  # type: ignore[return-value]
+    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+
+
+def config_hash(cfg: Any) -> str:
+    """A hash of :func:`result_config`: equal for two configs that must give equal results."""
+    return digest(result_config(cfg))
+
+
+def _file_signature(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def folder_signature(directory: Path) -> str:
+    """A content signature of a local model folder: every file's name, size and mtime (and the
+    safetensors index's content), without reading the weights."""
+    entries = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(directory))
+        if relative.startswith(".") or "/." in relative:
+            continue  # lock files, .cache/ of huggingface_hub
+        stat = path.stat()
+        entries.append([relative, stat.st_size, stat.st_mtime_ns])
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        entries.append(["index", hashlib.sha256(index.read_bytes()).hexdigest()])
+    return digest(entries)
+
+
+def model_identity(
+    source: str, path: str | Path, model_config: Any = None, revision: str | None = None
+) -> str:
+    """What the loaded weights are.
+
+    Args:
+        source: ``hub`` (repo id or local folder), ``gguf`` (the file) or ``embedded`` (a folder).
+        path: the repo id, the folder, or the GGUF file itself.
+        model_config: the loaded transformers config; a hub load sets its ``_commit_hash``.
+    """
+    local = Path(path).expanduser()
+    if source == "gguf" or local.is_file():
+        return f"gguf:{local.resolve()}:{digest(_file_signature(local))}"
+    if local.is_dir():
+        return f"{source}-dir:{local.resolve()}:{folder_signature(local)}"
+    commit = getattr(model_config, "_commit_hash", None)
+    if not commit:
+        # remote code or an unusual loader: the configured revision is the best name left
+        log.warning("model %s: no resolved hub commit; identified by its revision name", path)
+        return f"hub:{path}@{revision or 'main'}:unresolved"
+    return f"hub:{path}@{commit}"
+
+
+def provenance_record(cfg: Any, batch_size: int | None) -> dict[str, Any]:
+    """The ``provenance`` block of results.json."""
+    return {
+        "config_hash": config_hash(cfg),
+        "code_version": code_version(),
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "batch_size": batch_size,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "hostname": platform.node(),
+    }

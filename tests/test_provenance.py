@@ -1,0 +1,150 @@
+"""No borrowed or stale results: seeds, memo keys, model identity, provenance and relaunches."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pipeline import compose_trial
+
+from abliterate import provenance, records
+from abliterate.pipeline import Session, run_trial
+
+
+def _directions(out: Path) -> torch.Tensor:
+    tensors = load_file(str(out / records.DIRECTIONS_FILE))
+    return torch.cat([tensors[k].flatten() for k in sorted(tensors)])
+
+
+def test_top_level_seed_drives_the_som(tiny_model_dir, tmp_path):
+    """seed=0 and seed=1 give different SOM directions (real replicates); an explicit
+    extraction.seed wins over the top-level seed."""
+    session = Session()
+    stored = {}
+    for name, overrides in {
+        "seed0": ["seed=0"],
+        "seed1": ["seed=1"],
+        "seed1_pinned0": ["seed=1", "extraction.seed=0"],
+    }.items():
+        cfg = compose_trial(
+            tiny_model_dir, tmp_path, *overrides, f"paths.output_dir={tmp_path / name}"
+        )
+        results = run_trial(cfg, session=session)
+        stored[name] = _directions(tmp_path / name)
+        assert results["trial"]["extraction_seed"] == (0 if name != "seed1" else 1)
+    assert not torch.equal(stored["seed0"], stored["seed1"])
+    assert torch.equal(stored["seed0"], stored["seed1_pinned0"])
+
+
+def test_directions_memo_is_keyed_on_the_baseline_prompts(tiny_model_dir, tmp_path):
+    """Two trials in one session that differ only in the unmatched training pool must not share
+    directions (the memo used to be keyed on the harmful prompts alone)."""
+    session = Session()
+    vectors = []
+    for limit in (8, 24):
+        out = tmp_path / f"limit{limit}"
+        cfg = compose_trial(
+            tiny_model_dir,
+            tmp_path,
+            "extraction=diff_in_means",
+            f"data.unmatched_train.limit={limit}",
+            f"paths.output_dir={out}",
+        )
+        run_trial(cfg, session=session)
+        vectors.append(_directions(out))
+    assert not torch.equal(vectors[0], vectors[1])
+
+
+def test_results_carry_provenance(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    cfg = compose_trial(tiny_model_dir, tmp_path, "model.batch_size=3")
+    results = run_trial(cfg, session=Session())
+    block = json.loads((tmp_path / "out" / "results.json").read_text())["provenance"]
+    assert block == results["provenance"]
+    assert block["config_hash"] == provenance.config_hash(cfg)
+    assert block["code_version"] == provenance.code_version()
+    assert block["batch_size"] == 3
+    assert block["slurm_job_id"] == "4242"
+    assert {"torch", "transformers", "python"} <= set(block["versions"])
+
+
+def test_config_hash_ignores_keys_that_cannot_change_a_result(tiny_model_dir, tmp_path):
+    base = provenance.config_hash(compose_trial(tiny_model_dir, tmp_path))
+    for override in ("logger=none", "logger.tags=[x]", "force=true", "paths.cache_dir=/elsewhere"):
+        assert provenance.config_hash(compose_trial(tiny_model_dir, tmp_path, override)) == base
+    for override in ("seed=1", "ablation.weight=0.5", "eval.max_new_tokens=9"):
+        assert provenance.config_hash(compose_trial(tiny_model_dir, tmp_path, override)) != base
+
+
+def test_relaunch_reruns_a_trial_whose_config_or_code_changed(tiny_model_dir, tmp_path, capsys):
+    session = Session()
+    first = run_trial(compose_trial(tiny_model_dir, tmp_path, "logger=none"), session=session)
+    # the same trial with a key that cannot change results: skipped (the very same results)
+    again = run_trial(compose_trial(tiny_model_dir, tmp_path, "force=false"), session=session)
+    assert again["timing_s"] == first["timing_s"]
+    # the same directory with another config (a changed default, say): rerun, old results kept
+    changed = run_trial(
+        compose_trial(tiny_model_dir, tmp_path, "ablation.weight=0.5"), session=session
+    )
+    assert changed["trial"]["weight"] == 0.5
+    out = capsys.readouterr().out
+    assert "made with another config hash" in out and "rerunning" in out
+    superseded = json.loads((tmp_path / "out" / "results.json.superseded").read_text())
+    assert superseded["trial"]["weight"] == 1.0
+    # code that computes differently (another results version): rerun too
+    path = tmp_path / "out" / "results.json"
+    written = json.loads(path.read_text())
+    written["provenance"]["code_version"] = "0.0.1+results.1"
+    path.write_text(json.dumps(written))
+    rerun = run_trial(
+        compose_trial(tiny_model_dir, tmp_path, "ablation.weight=0.5"), session=session
+    )
+    assert rerun["provenance"]["code_version"] == provenance.code_version()
+    assert "code version 0.0.1+results.1" in capsys.readouterr().out
+
+
+def test_folder_identity_follows_the_weights(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"a" * 16)
+    before = provenance.model_identity("hub", folder)
+    assert provenance.model_identity("hub", folder) == before
+    (folder / "model.safetensors").write_bytes(b"b" * 17)
+    assert provenance.model_identity("hub", folder) != before
+
+
+def test_gguf_identity_is_the_file_not_its_folder(tmp_path):
+    one, two = tmp_path / "one.gguf", tmp_path / "two.gguf"
+    one.write_bytes(b"x" * 8)
+    two.write_bytes(b"y" * 9)
+    assert provenance.model_identity("gguf", one) != provenance.model_identity("gguf", two)
+    stat = one.stat()
+    identity = provenance.model_identity("gguf", one)
+    one.write_bytes(b"z" * 8)
+    os.utime(one, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert provenance.model_identity("gguf", one) != identity
+
+
+def test_hub_identity_is_the_resolved_commit():
+    class Config:
+        _commit_hash = "abc123"
+
+    assert provenance.model_identity("hub", "org/not-a-local-dir", Config()) == (
+        "hub:org/not-a-local-dir@abc123"
+    )
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers"])
+def test_cache_keys_change_with_the_numeric_libraries(monkeypatch, library):
+    before = provenance.cache_key({"a": 1})
+    versions = dict(provenance.library_versions())
+    versions[library] = "0.0.0-other"
+    monkeypatch.setattr(provenance, "library_versions", lambda: versions)
+    assert provenance.cache_key({"a": 1}) != before
+    monkeypatch.setattr(provenance, "RESULTS_VERSION", provenance.RESULTS_VERSION + 1)
+    assert provenance.cache_key({"a": 1}) != before
