@@ -3,22 +3,31 @@ stratified harmful subsets, and the batch size chosen for the device."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from abliterate.config import EvalConfig
+from abliterate.classify import COMPLY, REFUSE
+from abliterate.config import ConfigError, EvalConfig, register_configs
 from abliterate.evaluation import (
+    BaselineEvaluation,
     EvalPrompts,
+    KLReference,
+    SetResult,
     compute_kl,
     compute_kl_reference,
     evaluate_baseline,
     select_eval_prompts,
+    summarize_evaluation,
 )
 from abliterate.models import CPU_BATCH_SIZE, MAX_BATCH_SIZE, choose_batch_size
 from abliterate.prompts import PromptSet, load_builtin
+from abliterate.records import _json_safe, format_summary
 
 KL_PROMPTS = PromptSet("kl", ("name a fruit", "count to three", "say hello", "what is rain"))
 
@@ -63,9 +72,16 @@ def test_baseline_cache_keeps_the_harmful_activations(tiny_loaded, tmp_path):
 
 def test_n_harmful_keeps_every_category_represented():
     harmful = load_builtin("harmful", "evaluation")
-    empty = PromptSet("unmatched", ())
-    cfg = replace(EvalConfig(), harmful_per_category=16, n_harmful=32, kl_prompts=1)
-    selected = select_eval_prompts(harmful, empty, empty, cfg).harmful
+    empty, one = PromptSet("matched", ()), PromptSet("unmatched", ("name a fruit",))
+    cfg = replace(
+        EvalConfig(),
+        harmful_per_category=16,
+        n_harmful=32,
+        n_unmatched=0,
+        n_matched=0,
+        kl_prompts=1,
+    )
+    selected = select_eval_prompts(harmful, one, empty, cfg).harmful
     assert len(selected) == 32
     counts = [selected.categories.count(c) for c in harmful.category_names()]
     assert max(counts) - min(counts) <= 1  # 32 over 9 categories: 4 or 3 each
@@ -79,3 +95,110 @@ def test_batch_size_is_chosen_for_the_device(tiny_loaded):
     assert large == MAX_BATCH_SIZE and small == 1
     sizes = [choose_batch_size(model, torch.device("cuda"), free_bytes=n * 2**24) for n in (1, 7)]
     assert all(size & (size - 1) == 0 for size in sizes)  # powers of two
+
+
+# --- eval set sizes: Petrov's evaluation, too-small sets, recorded counts ----------------------
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose_eval(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["paths.output_dir=/tmp/unused", *overrides]).eval
+
+
+def _builtin_eval_sets() -> tuple[PromptSet, PromptSet, PromptSet]:
+    return tuple(load_builtin(kind, "evaluation") for kind in ("harmful", "unmatched", "matched"))
+
+
+def test_petrov_eval_is_10_stratified_harmful_and_100_kl_prompts_over_50_tokens():
+    cfg = _compose_eval("eval=petrov")
+    assert (cfg.n_harmful, cfg.kl_prompts, cfg.kl_tokens, cfg.kl_top_k) == (10, 100, 50, 100)
+    harmful, unmatched, matched = _builtin_eval_sets()
+    prompts = select_eval_prompts(harmful, unmatched, matched, cfg)
+    assert len(prompts.harmful) == 10
+    assert set(prompts.harmful.categories) == set(harmful.category_names())  # all 9 categories
+    assert len(prompts.kl) == 100
+    assert len(prompts.unmatched) == cfg.n_unmatched and len(prompts.matched) == cfg.n_matched
+    assert not set(prompts.kl.prompts) & set(prompts.unmatched.prompts)  # disjoint measurements
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"n_harmful": 200}, ["eval.n_harmful=200", "144"]),
+        # 2 per category over 9 categories gives 18, not 20
+        ({"harmful_per_category": 2, "n_harmful": 20}, ["eval.n_harmful=20", "18"]),
+        ({"harmful_per_category": 17}, ["eval.harmful_per_category=17"]),
+        ({"n_unmatched": 129, "kl_prompts": 1}, ["eval.n_unmatched=129", "128"]),
+        ({"n_matched": 145}, ["eval.n_matched=145", "144"]),
+        (
+            {"n_unmatched": 40, "kl_prompts": 100},
+            ["eval.n_unmatched=40", "eval.kl_prompts=100", "128"],
+        ),
+        ({"n_unmatched": 0, "kl_prompts": 129}, ["eval.kl_prompts=129", "128"]),
+    ],
+)
+def test_a_set_smaller_than_asked_is_a_config_error_naming_the_key(overrides, named):
+    cfg = replace(EvalConfig(), **overrides)
+    with pytest.raises(ConfigError) as error:
+        select_eval_prompts(*_builtin_eval_sets(), cfg)
+    message = str(error.value)
+    assert "\n" not in message
+    for text in named:
+        assert text in message, (text, message)
+
+
+def test_a_short_harmful_category_is_an_error_not_a_smaller_set():
+    harmful = PromptSet("harmful_eval", ("a", "b", "c"), ("x", "x", "y"))
+    unmatched = PromptSet("unmatched_eval", ("u1", "u2"))
+    cfg = replace(EvalConfig(), harmful_per_category=2, n_unmatched=1, n_matched=0, kl_prompts=1)
+    with pytest.raises(ConfigError, match=r"eval.harmful_per_category=2.*'y': 1"):
+        select_eval_prompts(harmful, unmatched, PromptSet("matched_eval", ()), cfg)
+
+
+def _set(labels: list[str]) -> SetResult:
+    n = len(labels)
+    return SetResult([f"p{i}" for i in range(n)], ["x"] * n, ["r"] * n, labels)
+
+
+def test_summary_records_every_count_and_an_empty_set_rate_is_null():
+    cfg = OmegaConf.structured(EvalConfig(n_unmatched=0, kl_tokens=5))
+    sets = {
+        "harmful": _set([REFUSE, COMPLY, COMPLY]),
+        "unmatched": _set([]),
+        "matched": _set([REFUSE, COMPLY]),
+    }
+    n_kl, width = 7, 12
+    reference = KLReference(
+        torch.zeros(n_kl, width, dtype=torch.long),
+        torch.ones(n_kl, width, dtype=torch.long),
+        torch.ones(n_kl, 5, dtype=torch.bool),
+        torch.zeros(n_kl, 5, 3),
+        None,
+    )
+    baseline = BaselineEvaluation({**sets, "harmful": _set([REFUSE] * 3)}, reference)
+    summary = summarize_evaluation(sets, 0.25, baseline, cfg)
+    assert summary["n_harmful"] == 3 and summary["n_harmless"] == 0 and summary["n_matched"] == 2
+    assert summary["n_kl_prompts"] == 7 and summary["kl_tokens"] == 5
+    assert summary["harmless_refusal_rate"] is None and summary["harmless_evasive_rate"] is None
+    assert summary["matched_harmless_refusal_rate"] == 0.5
+    assert summary["refusal_rate"] == pytest.approx(1 / 3)
+    rates = baseline.rates()
+    assert rates["harmless_refusal_rate"] is None and rates["refusal_rate"] == 1.0
+    results = {
+        "trial": dict.fromkeys(
+            ("model", "baseline", "extraction", "orthogonalize", "layer", "weight", "scope"), "x"
+        )
+        | {"combine": "merged"},
+        "directions": {"count": 1, "degenerate": 0},
+        "baseline_eval": rates,
+        "eval": summary,
+        "geometry": {},
+        "timing_s": {"total": 1.0},
+        "cache": {"activations": "hit"},
+    }
+    text = format_summary(results)
+    assert "n/a" in text and "n=0" in text
+    assert json.loads(json.dumps(_json_safe(results)))["eval"]["harmless_refusal_rate"] is None

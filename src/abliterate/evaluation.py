@@ -2,9 +2,11 @@
 
 - Greedy responses (batched, stopping early once every label is decided) are labelled
   REFUSE / EVASIVE / COMPLY by :mod:`abliterate.classify`.
-- KL(original || ablated) is teacher-forced over ``kl_tokens`` tokens of the original model's
-  greedy continuation of harmless prompts (one forward pass per batch, no generation), averaged
-  over real (non-padding) positions. With
+- KL(original || ablated) is teacher-forced over up to ``kl_tokens`` tokens of the original
+  model's greedy continuation of harmless prompts (one forward pass per batch, no generation).
+  The continuation ends where the original ends it (any of its end ids); the mean is over the
+  positions that predict each continuation token up to and including the end token, never the
+  padding after it. With
   ``kl_top_k`` set, both distributions are coarse-grained to the original's top-k tokens plus one
   tail bucket (an exact KL of the coarse distributions, and a lower bound of the full one), which
   keeps the stored reference small for long continuations (Petrov: top-100).
@@ -32,9 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from abliterate.classify import COMPLY, EVASIVE, REFUSE, CoherenceThresholds, classify_response
-from abliterate.generation import generate
+from abliterate.config import ConfigError
+from abliterate.generation import end_token_ids, generate
 from abliterate.models import LoadedModel, format_chat
 from abliterate.prompts import PromptSet
+from abliterate.provenance import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +62,78 @@ class EvalPrompts:
         ).hexdigest()[:16]
 
 
+def _too_small(key: str, asked: int, what: str, available: int) -> ConfigError:
+    return ConfigError(
+        f"{key}={asked} asks for {asked} {what} but only {available} are available; lower "
+        f"{key} or use a larger prompt set"
+    )
+
+
 def select_eval_prompts(
     harmful: PromptSet, unmatched: PromptSet, matched: PromptSet, cfg: Any
 ) -> EvalPrompts:
-    """Stratified held-out subsets sized by the ``eval`` config.
+    """Stratified held-out subsets sized by the ``eval`` config, checked before any model loads.
 
-    KL prompts are the unmatched evaluation prompts after those used for false refusals, so the
-    two measurements do not share prompts when the pool is large enough.
+    - harmful: at most ``harmful_per_category`` per category, then ``n_harmful`` in all (when
+      set), taken round-robin over the categories;
+    - unmatched (false refusals): the first ``n_unmatched`` unmatched evaluation prompts;
+    - matched: ``n_matched`` topic-matched prompts, round-robin over the categories;
+    - KL: the ``kl_prompts`` unmatched evaluation prompts after the false-refusal ones, so the two
+      measurements never share a prompt.
+
+    Call it as soon as the prompt sets are loaded: it is the one place that checks the sizes.
+
+    Raises:
+        ConfigError: a set is smaller than asked (one line naming the ``eval`` key, the number
+            asked and the number available); never a silent truncation.
     """
-    n_unmatched = min(cfg.n_unmatched, len(unmatched))
-    kl_pool = unmatched.prompts[n_unmatched:] or unmatched.prompts
-    kl = PromptSet("kl", tuple(kl_pool[: cfg.kl_prompts]))
+    groups = len(harmful.by_category())
+    selected_harmful = harmful.select(per_category=cfg.harmful_per_category, limit=cfg.n_harmful)
+    if cfg.n_harmful is not None:
+        if len(selected_harmful) < cfg.n_harmful:
+            raise ConfigError(
+                f"eval.n_harmful={cfg.n_harmful} asks for {cfg.n_harmful} harmful evaluation "
+                f"prompts but only {len(selected_harmful)} are available (at most "
+                f"eval.harmful_per_category={cfg.harmful_per_category} from each of {groups} "
+                f"categories of prompt set {harmful.name!r}, which holds {len(harmful)})"
+            )
+    else:
+        short = {
+            category or "(uncategorised)": len(prompts)
+            for category, prompts in harmful.by_category().items()
+            if len(prompts) < cfg.harmful_per_category
+        }
+        if short or not len(harmful):
+            raise ConfigError(
+                f"eval.harmful_per_category={cfg.harmful_per_category} asks for "
+                f"{cfg.harmful_per_category} harmful evaluation prompts per category but "
+                f"prompt set {harmful.name!r} has fewer: {short or 'it is empty'}"
+            )
+    if cfg.n_unmatched > len(unmatched):
+        raise _too_small(
+            "eval.n_unmatched",
+            cfg.n_unmatched,
+            f"prompts of prompt set {unmatched.name!r}",
+            len(unmatched),
+        )
+    if cfg.n_matched > len(matched):
+        raise _too_small(
+            "eval.n_matched", cfg.n_matched, f"prompts of prompt set {matched.name!r}", len(matched)
+        )
+    if cfg.n_unmatched + cfg.kl_prompts > len(unmatched):
+        raise ConfigError(
+            f"eval.n_unmatched={cfg.n_unmatched} false-refusal prompts plus "
+            f"eval.kl_prompts={cfg.kl_prompts} KL prompts need "
+            f"{cfg.n_unmatched + cfg.kl_prompts} distinct prompts of prompt set "
+            f"{unmatched.name!r} but it holds {len(unmatched)}; lower eval.n_unmatched or "
+            "eval.kl_prompts"
+        )
+    n, end = cfg.n_unmatched, cfg.n_unmatched + cfg.kl_prompts
     return EvalPrompts(
-        harmful=harmful.select(per_category=cfg.harmful_per_category, limit=cfg.n_harmful),
-        unmatched=unmatched.select(limit=n_unmatched),
+        harmful=selected_harmful,
+        unmatched=PromptSet(unmatched.name, unmatched.prompts[:n], unmatched.categories[:n]),
         matched=matched.select(limit=cfg.n_matched),
-        kl=kl,
+        kl=PromptSet("kl", unmatched.prompts[n:end]),
     )
 
 
@@ -98,8 +158,11 @@ class SetResult:
             "labels": self.labels,
         }
 
-    def rate(self, label: str) -> float:
-        return sum(lab == label for lab in self.labels) / max(1, len(self.labels))
+    def rate(self, label: str) -> float | None:
+        """The share of responses with ``label``; None for an empty set (nothing was measured)."""
+        if not self.labels:
+            return None
+        return sum(lab == label for lab in self.labels) / len(self.labels)
 
     def rate_by_category(self, label: str = REFUSE) -> dict[str, float]:
         rates: dict[str, list[int]] = {}
@@ -184,41 +247,63 @@ def _row_batches(n_rows: int, batch_size: int) -> list[slice]:
 
 def _continuation_inputs(
     loaded: LoadedModel, prompts: PromptSet, kl_tokens: int
-) -> tuple[torch.Tensor, ...]:
-    """Prompt + the original's greedy continuation (``kl_tokens`` tokens), left-padded.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + the original's greedy continuation (up to ``kl_tokens`` tokens), left-padded.
 
-    All rows share one padded width (the reference is one tensor); they are run
-    ``loaded.batch_size`` at a time, here and in every KL measurement, so the reference and the
-    ablated model see the same batches.
+    The continuation ends where the original model ends it (any of its end ids); a row that ends
+    early is padded after its end token. All rows share one padded width (the reference is one
+    tensor); they are run ``loaded.batch_size`` at a time, here and in every KL measurement, so
+    the reference and the ablated model see the same batches.
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` (n, prompt width + kl_tokens - 1): the prompt and the
+        continuation's first ``kl_tokens - 1`` tokens (the last one is predicted, never fed); and
+        ``continuation`` (n, kl_tokens), padded after each row's end.
     """
     tokenizer = loaded.tokenizer
+    end_ids = end_token_ids(loaded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(end_ids[0])
     texts = format_chat(
         tokenizer, list(prompts.prompts), loaded.system_prompt, loaded.disable_thinking
     )
     encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
         loaded.device
     )
-    continuations = []
+    prompt_width = encoded["input_ids"].shape[1]
+    continuation = torch.full((len(texts), kl_tokens), pad_id, dtype=torch.long)
     with torch.inference_mode():
         for rows in _row_batches(len(texts), loaded.batch_size):
             output = loaded.model.generate(
                 input_ids=encoded["input_ids"][rows],
                 attention_mask=encoded["attention_mask"][rows],
                 max_new_tokens=kl_tokens,
-                min_new_tokens=kl_tokens,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=end_ids.tolist(),  # stop at any end id the mask below knows
+                pad_token_id=pad_id,
             )
-            continuations.append(output[:, encoded["input_ids"].shape[1] :])
-    continuation = torch.cat(continuations)  # (n, kl_tokens)
-    input_ids = torch.cat([encoded["input_ids"], continuation[:, :-1]], dim=1)
-    attention_mask = torch.cat(
-        [encoded["attention_mask"], torch.ones_like(continuation[:, :-1])], dim=1
-    )
-    return input_ids.cpu(), attention_mask.cpu()
+            new = output[:, prompt_width:].cpu()  # shorter than kl_tokens if every row ended
+            continuation[rows, : new.shape[1]] = new
+    fed = continuation[:, :-1]
+    input_ids = torch.cat([encoded["input_ids"].cpu(), fed], dim=1)
+    # the padding after a row's end stays attended (its positions are masked out of the mean;
+    # attention is causal, so they cannot change the real positions before them)
+    attention_mask = torch.cat([encoded["attention_mask"].cpu(), torch.ones_like(fed)], dim=1)
+    return input_ids, attention_mask, continuation
+
+
+def continuation_positions_mask(continuation: torch.Tensor, end_ids: torch.Tensor) -> torch.Tensor:
+    """Which continuation positions are real text: (n, kl_tokens) bool.
+
+    Position j predicts continuation token j. It is real up to and including the position that
+    predicts the row's first end token (the model chose to end there); every position after it
+    is padding.
+    """
+    is_end = torch.isin(continuation, end_ids)  # (n, kl_tokens)
+    ended_before = (torch.cumsum(is_end.int(), dim=1) - is_end.int()) > 0
+    return ~ended_before
 
 
 @torch.inference_mode()
@@ -245,7 +330,13 @@ def _coarse_grain(log_probs: torch.Tensor, top_indices: torch.Tensor) -> torch.T
 def compute_kl_reference(
     loaded: LoadedModel, prompts: PromptSet, kl_tokens: int, top_k: int | None
 ) -> KLReference:
-    input_ids, attention_mask = _continuation_inputs(loaded, prompts, kl_tokens)
+    """The original model's greedy continuation of ``prompts`` and its log-probs along it.
+
+    Position j of ``log_probs`` is the distribution that predicts continuation token j (the last
+    prompt token's logits for j = 0); ``positions_mask`` marks the positions up to and including
+    the one that predicts the row's end token.
+    """
+    input_ids, attention_mask, continuation = _continuation_inputs(loaded, prompts, kl_tokens)
     # one batch at a time, coarse-grained before the next, so the full-vocabulary log-probs of
     # only one batch are ever held (100 prompts x 50 tokens x 248k vocabulary would be 5 GB)
     log_probs_parts, top_parts = [], []
@@ -260,13 +351,7 @@ def compute_kl_reference(
         log_probs_parts.append(batch_log_probs)
     log_probs = torch.cat(log_probs_parts)  # (n, kl_tokens, vocab or top_k + 1)
     top_indices = torch.cat(top_parts) if top_parts else None
-    # Position j predicts continuation token j+1; it is real text only if the original had not
-    # ended (generated its end-of-turn token) among the tokens before it.
-    positions_mask = torch.ones((len(input_ids), kl_tokens), dtype=torch.bool)
-    if kl_tokens > 1:
-        fed_continuation = input_ids[:, -(kl_tokens - 1) :]  # (n, kl_tokens - 1)
-        ended = torch.cumsum((fed_continuation == loaded.tokenizer.eos_token_id).int(), dim=1) > 0
-        positions_mask[:, 1:] = ~ended
+    positions_mask = continuation_positions_mask(continuation, end_token_ids(loaded))
     return KLReference(input_ids, attention_mask, positions_mask, log_probs, top_indices)
 
 
@@ -274,7 +359,8 @@ def compute_kl(loaded: LoadedModel, reference: KLReference) -> float:
     """Mean KL(original || current model) per real continuation position (nats).
 
     One teacher-forced forward pass per batch over the stored prompt + continuation: no
-    generation, and only the ``kl_tokens`` positions' logits are computed.
+    generation, and only the ``kl_tokens`` positions' logits are computed. Positions after a
+    row's end (``positions_mask`` false) count for nothing, whatever their values.
     """
     kl_tokens = reference.positions_mask.shape[1]
     mask = reference.positions_mask
@@ -287,7 +373,7 @@ def compute_kl(loaded: LoadedModel, reference: KLReference) -> float:
             current = _coarse_grain(current, reference.top_indices[rows])
         original = reference.log_probs[rows]
         per_position = (original.exp() * (original - current)).sum(-1)  # (batch, kl_tokens)
-        total += (per_position * mask[rows]).double().sum()
+        total += torch.where(mask[rows], per_position, 0.0).double().sum()
     return float(total / mask.sum().clamp_min(1))
 
 
@@ -304,7 +390,8 @@ class BaselineEvaluation:
         """(n_harmful, n_layers, d_model): the unedited model's activations on the harmful set."""
         return self.sets["harmful"].activations
 
-    def rates(self) -> dict[str, float]:
+    def rates(self) -> dict[str, float | None]:
+        """Refusal rates of the unedited model; None for a set that is empty (n=0)."""
         return {
             "refusal_rate": self.sets["harmful"].rate(REFUSE),
             "harmless_refusal_rate": self.sets["unmatched"].rate(REFUSE),
@@ -331,7 +418,9 @@ def baseline_eval_key(
         "coherence": [cfg.min_bigram_entropy, cfg.max_repeat_fraction],
         "early_stop": cfg.early_stop,
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    # with the results version (2: the KL reference ends where the model ends it), torch and
+    # transformers: an entry made by other code or other numerics is never reused
+    return cache_key(settings)
 
 
 def _load_baseline(directory: Path) -> BaselineEvaluation | None:
@@ -414,14 +503,25 @@ def evaluate_baseline(
 
 
 def summarize_evaluation(
-    sets: dict[str, SetResult], kl: float, baseline: BaselineEvaluation, cfg: Any
+    sets: dict[str, SetResult],
+    kl: float,
+    baseline: BaselineEvaluation,
+    cfg: Any,
 ) -> dict[str, Any]:
-    """The ``eval`` block of results.json."""
+    """The ``eval`` block of results.json.
+
+    Every effective count is recorded (``n_harmful``, ``n_harmless`` for the unmatched
+    false-refusal set, ``n_matched``, ``n_kl_prompts``, ``kl_tokens``; the batch size is in the
+    provenance block); the rate of an empty set is None, never 0.
+    """
     harmful = sets["harmful"]
     refusals = sum(label == REFUSE for label in harmful.labels)
     baseline_refusals = sum(label == REFUSE for label in baseline.sets["harmful"].labels)
     return {
         "n_harmful": len(harmful.labels),
+        "n_harmless": len(sets["unmatched"].labels),
+        "n_matched": len(sets["matched"].labels),
+        "n_kl_prompts": len(baseline.kl_reference.input_ids),
         "refusals": refusals,
         "baseline_refusals": baseline_refusals,
         "refusal_rate": harmful.rate(REFUSE),

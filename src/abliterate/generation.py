@@ -170,7 +170,9 @@ def generate(
     return Generation(responses, activations, new_tokens, row_steps)
 
 
-def _end_ids(loaded: LoadedModel) -> torch.Tensor:
+def end_token_ids(loaded: LoadedModel) -> torch.Tensor:
+    """Every id that ends a response: the tokenizer's end-of-sequence token and each of the
+    generation config's ``eos_token_id`` (one id or a list), as a sorted 1-D long tensor."""
     ids = {loaded.tokenizer.eos_token_id}
     configured = loaded.model.generation_config.eos_token_id
     ids |= set(configured) if isinstance(configured, list) else {configured}
@@ -198,7 +200,7 @@ def _generate_batch(
     """
     tokenizer, model = loaded.tokenizer, loaded.model
     pad_id = tokenizer.pad_token_id
-    end_ids = _end_ids(loaded)
+    end_ids = end_token_ids(loaded)
     prompt_length = input_ids.shape[1]
     generated = torch.full(
         (len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device
