@@ -8,13 +8,14 @@ value and the valid ones.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 HARM_CATEGORIES: tuple[str, ...] = (
     "sexual_content",
@@ -61,6 +62,10 @@ class PromptSetConfig:
     limit: int | None = None  # keep at most this many prompts (stratified by category)
     per_category: int | None = None  # keep at most this many prompts of each category
     skip_per_category: int = 0  # drop the first N of each category (hold them out for another set)
+    config_name: str | None = None  # hub: the dataset's config (subset), e.g. behaviors for JBB
+    # keywords: with category_column null, assign the nine harm categories by the documented
+    # keyword rules of abliterate.categorize (misc_harmful when none matches); none: no categories
+    categorize: str = "none"
 
 
 @dataclass
@@ -193,6 +198,7 @@ PROMPT_SETS: tuple[str, ...] = (
 PROMPT_SOURCES: tuple[str, ...] = ("builtin", "hub", "file")
 BUILTIN_PROMPT_SETS: tuple[str, ...] = ("harmful", "matched", "unmatched")
 BUILTIN_SPLITS: tuple[str, ...] = ("refuser_train", "extraction", "evaluation")
+PROMPT_CATEGORIZERS: tuple[str, ...] = ("none", "keywords")
 
 
 class ConfigError(ValueError):
@@ -275,6 +281,17 @@ def validate_config(cfg: Any) -> None:
             value = _get(cfg, f"data.{name}.{key}")
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name}.{key}={value!r} must be >= 1 or null")
+        categorize = _get(cfg, f"data.{name}.categorize")
+        if categorize not in PROMPT_CATEGORIZERS:
+            raise ConfigError(
+                f"data.{name}.categorize={categorize!r} is not valid; choose one of "
+                f"{', '.join(PROMPT_CATEGORIZERS)}"
+            )
+        if categorize != "none" and _get(cfg, f"data.{name}.category_column") is not None:
+            raise ConfigError(
+                f"data.{name}.categorize={categorize} assigns categories only to a set without "
+                f"them; set data.{name}.category_column=null or data.{name}.categorize=none"
+            )
         if _get(cfg, f"data.{name}.skip_per_category") < 0:
             raise ConfigError(
                 f"data.{name}.skip_per_category={_get(cfg, f'data.{name}.skip_per_category')!r}"
@@ -288,8 +305,78 @@ def validate_config(cfg: Any) -> None:
         )
 
 
+# Trial directory names (hydra.sweep.subdir). A file-system path component holds at most 255
+# bytes; longer names keep this many bytes and end with a hash of the whole name.
+DIRNAME_MAX_BYTES = 200
+DIRNAME_HASH_CHARS = 16
+
+
+def safe_dirname(name: str) -> str:
+    """``name`` as one directory name: never a nested or parent path, at most DIRNAME_MAX_BYTES.
+
+    ``%`` and every character a path cannot hold as one component (``/``, ``\\``, control
+    characters) are percent-encoded, and so are the dots of ``..``, so distinct names stay
+    distinct (``model.path=org/name`` becomes ``model.path=org%2Fname``, never ``org_name``).
+    A name longer than the limit is cut and suffixed with ``~`` and a hash of the whole name.
+    """
+    encoded = "".join(
+        f"%{ord(char):02X}" if char in "%/\\" or ord(char) < 32 or ord(char) == 127 else char
+        for char in name
+    )
+    encoded = encoded.replace("..", "%2E%2E")
+    if encoded == ".":
+        encoded = "%2E"
+    raw = encoded.encode()
+    if len(raw) <= DIRNAME_MAX_BYTES:
+        return encoded
+    digest = hashlib.sha256(name.encode()).hexdigest()[:DIRNAME_HASH_CHARS]
+    head = raw[: DIRNAME_MAX_BYTES - DIRNAME_HASH_CHARS - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+def _excluded(key: str, exclude_keys: set[str]) -> bool:
+    return any(key == k or key.startswith((f"{k}.", f"{k}/")) for k in exclude_keys)
+
+
+def trial_dirname(overrides: Any, exclude_keys: Any = ()) -> str:
+    """A trial's directory name from its command-line overrides (``hydra.overrides.task``).
+
+    As Hydra's ``hydra.job.override_dirname`` (sorted ``key=value`` joined by ``,``), except that
+    an excluded key also excludes every key below it (``logger`` drops ``logger=none``,
+    ``logger.tags=[x]`` and ``logger.mode=online``), and the name is made safe by
+    ``safe_dirname``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = {str(key) for key in exclude_keys or ()}
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or ()])
+    lines = sorted(
+        f"{override.get_key_element()}={override.get_value_element_as_str()}"
+        for override in parsed
+        if not _excluded(override.key_or_group, excluded)
+    )
+    return safe_dirname(",".join(lines))
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers conf/config.yaml uses (``abliterate.trial_dirname``,
+    ``abliterate.safe_dirname``). Also run on import, so a job unpickled in another process (the
+    submitit launchers) resolves its directory the same way."""
+    OmegaConf.register_new_resolver("abliterate.trial_dirname", trial_dirname, replace=True)
+    OmegaConf.register_new_resolver(
+        "abliterate.safe_dirname", lambda name: safe_dirname(str(name)), replace=True
+    )
+
+
+register_resolvers()
+
+
 def register_configs() -> None:
-    """Register the schemas so YAML files can extend them (``defaults: [_schema_x]``)."""
+    """Register the schemas so YAML files can extend them (``defaults: [/model_schema]``).
+
+    They are stored without a group: a schema stored in a group would be listed as one of its
+    choices in ``python run.py --help`` (``model: hub, model_schema, ...``)."""
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
     for group, node in (
@@ -302,4 +389,4 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
         ("paths", PathsConfig),
     ):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+        cs.store(name=f"{group}_schema", node=node)

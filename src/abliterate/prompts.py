@@ -19,11 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from abliterate.categorize import describe, keyword_categories
+
 BUILTIN_KINDS = ("harmful", "matched", "unmatched")
 SPLITS = ("refuser_train", "extraction", "evaluation")
 # Fractions of each category (or of the unmatched pool) that go to each split, in SPLITS order.
 SPLIT_FRACTIONS = (1 / 3, 0.4, None)  # None: the rest
 SOURCES = ("builtin", "hub", "file")
+# how a hub or file set without a category column gets categories (abliterate.categorize)
+CATEGORIZERS = ("none", "keywords")
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +263,16 @@ def _rows_from_csv(text: str, path: Path, delimiter: str) -> list[dict[str, Any]
     return rows
 
 
-def _rows_from_hub(path: str, split: str | None) -> list[dict[str, Any]]:
+def _rows_from_hub(path: str, split: str | None, config_name: str | None) -> list[dict[str, Any]]:
+    """The rows of one split of a hub dataset (a repo id, or a local folder laid out as one)."""
     import datasets  # imported lazily: only hub sources need it
 
     try:
-        dataset = datasets.load_dataset(path, split=split or "train")
-    except Exception as error:  # network, missing dataset, bad split: all end the same way
+        dataset = datasets.load_dataset(path, config_name, split=split or "train")
+    except Exception as error:  # network, missing dataset, bad config or split: all end alike
+        config = f"config {config_name!r}, " if config_name else ""
         raise PromptDataError(
-            f"hub dataset {path!r} (split {split!r}) could not be loaded: {error}"
+            f"hub dataset {path!r} ({config}split {split!r}) could not be loaded: {error}"
         ) from error
     return [dict(row, _line=i + 1) for i, row in enumerate(dataset)]
 
@@ -326,7 +332,8 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
 
     Args:
         name: the set's name in the ``data`` group (for messages), e.g. ``harmful_eval``.
-        cfg: its config (source, path, split, column, category_column, limit, per_category).
+        cfg: its config (source, path, config_name, split, column, category_column, categorize,
+            limit, per_category, skip_per_category).
         categories: restrict builtin categorised sets to these categories.
 
     Raises:
@@ -343,11 +350,13 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
             raise PromptDataError(
                 f"data.{name}.path is required when data.{name}.source={cfg.source}"
             )
+        # fields added later are read with their defaults, for configs built without them
+        config_name = getattr(cfg, "config_name", None)
+        categorize = getattr(cfg, "categorize", "none")
         if cfg.source == "hub":
-            rows, origin = (
-                _rows_from_hub(cfg.path, cfg.split),
-                f"{cfg.path}[{cfg.split or 'train'}]",
-            )
+            subset = f"{config_name}/" if config_name else ""
+            rows = _rows_from_hub(cfg.path, cfg.split, config_name)
+            origin = f"{cfg.path}[{subset}{cfg.split or 'train'}]"
         else:
             rows, origin = _rows_from_file(Path(cfg.path).expanduser()), str(cfg.path)
         prompts, cats = _column_values(
@@ -355,6 +364,20 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
         )
         if not prompts:
             raise PromptDataError(f"data.{name}: {origin} holds no prompts")
+        if categorize not in CATEGORIZERS:
+            raise PromptDataError(
+                f"data.{name}.categorize={categorize!r} is not valid; choose one of "
+                f"{', '.join(CATEGORIZERS)}"
+            )
+        if categorize == "keywords":
+            if cfg.category_column is not None:
+                raise PromptDataError(
+                    f"data.{name}: categorize=keywords assigns categories only to a set without "
+                    f"them; category_column={cfg.category_column!r} is set"
+                )
+            assigned = keyword_categories(prompts)
+            log.info("data.%s: keyword categories of %s: %s", name, origin, describe(assigned))
+            cats = list(assigned)
         prompt_set = PromptSet(name, tuple(prompts), tuple(cats))
     if cfg.per_category is not None or cfg.limit is not None or cfg.skip_per_category:
         # `limit` may drop whole categories on purpose; skipping must not empty one silently
