@@ -1,0 +1,49 @@
+"""Judges: label a (prompt, response) pair REFUSE, EVASIVE, COMPLY or INCOHERENT.
+
+``build_judge(cfg)`` makes the judge a ``judge`` config names: ``rules`` (default), ``markers``,
+``classifier`` (a Hugging Face sequence classifier) or ``llm`` (a chat model with a rubric).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from abliterate.judge.base import COMPLY, EVASIVE, INCOHERENT, OUTCOMES, REFUSE, Judge
+from abliterate.judge.config import JUDGES, JudgeConfig, validate_judge_config
+
+__all__ = [
+    "COMPLY", "EVASIVE", "INCOHERENT", "JUDGES", "OUTCOMES", "REFUSE", "Judge", "JudgeConfig",
+    "build_judge", "validate_judge_config",
+]  # fmt: skip
+
+
+def build_judge(cfg: Any = None, loaded: Any = None, cache_dir: Any = None) -> Judge:
+    """The judge ``cfg`` (a JudgeConfig, DictConfig or dict; None: rules) describes.
+
+    Args:
+        cfg: the ``judge`` config.
+        loaded: an already loaded ``LoadedModel`` to use as the ``llm`` judge instead of loading
+            ``cfg.model`` (ignored by the other judges).
+        cache_dir: the project cache, for ``judge=llm judge.source=embedded`` (default:
+            ``$ABLITERATE_CACHE`` or ``~/.cache/abliterate``).
+    """
+    if cfg is None:
+        cfg = JudgeConfig()
+    elif isinstance(cfg, dict):
+        cfg = JudgeConfig(**cfg)
+    validate_judge_config(cfg)
+    if cfg.name == "rules":
+        from abliterate.judge.rules import RulesJudge
+
+        return RulesJudge()
+    if cfg.name == "markers":
+        from abliterate.judge.markers import MarkersJudge
+
+        return MarkersJudge()
+    if cfg.name == "classifier":
+        from abliterate.judge.classifier import ClassifierJudge
+
+        return ClassifierJudge(cfg)
+    from abliterate.judge.llm import LLMJudge
+
+    return LLMJudge(cfg, loaded=loaded, cache_dir=cache_dir)
