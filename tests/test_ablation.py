@@ -32,6 +32,7 @@ def _one_torch_thread():
 
 
 COMBINES = ("merged", "sum", "sequential", "subspace")
+MERGED = AblationConfig(combine="merged")  # the default combine=auto must be resolved first
 POST_NORM_FAMILIES = ("gemma3", "gemma3_multimodal")
 D_MODEL = 64
 
@@ -225,7 +226,7 @@ def test_hooks_match_weights_with_norm_preserving_and_relative_scales(family):
 
 def test_norm_preserving_hooks_refuse_fused_experts():
     model, writers = cached_model("qwen3_moe")
-    cfg = AblationConfig(norm_preserving=True)
+    cfg = AblationConfig(combine="merged", norm_preserving=True)
     with (
         pytest.raises(NotImplementedError, match="fused experts"),
         ablation_hooks(model, writers, random_directions(1, seed=0), layer=0, cfg=cfg),
@@ -283,7 +284,7 @@ def test_scope_layer_touches_and_copies_only_that_layer(family):
 def test_norm_preserving_keeps_written_vector_norms(family):
     model, writers = cached_model(family)
     direction = random_directions(1, seed=8)
-    cfg = AblationConfig(weight=1.0, norm_preserving=True, embeddings=True)
+    cfg = AblationConfig(weight=1.0, combine="merged", norm_preserving=True, embeddings=True)
     before = parameter_snapshot(model)
     with apply_weight_ablation(writers, direction, layer=0, cfg=cfg):
         for writer in select_writers(writers, 0, cfg):
@@ -349,7 +350,7 @@ def test_post_norm_gain_makes_the_normalized_output_orthogonal():
 
 def test_bad_directions_and_options_fail_loudly():
     _, writers = cached_model("qwen2")
-    cfg = AblationConfig()
+    cfg = AblationConfig(combine="merged")
     directions = random_directions(3, seed=11)
     zero = directions.clone()
     zero[1] = 0
@@ -362,7 +363,9 @@ def test_bad_directions_and_options_fail_loudly():
     with pytest.raises(AblationError, match="out of range"):
         apply_weight_ablation(writers, directions, 7, cfg)
     with pytest.raises(AblationError, match="needs per-direction scales"):
-        apply_weight_ablation(writers, directions, 0, AblationConfig(direction_norm="relative"))
+        apply_weight_ablation(
+            writers, directions, 0, AblationConfig(combine="merged", direction_norm="relative")
+        )
     with pytest.raises(AblationError, match="direction_norm='unit'"):
         apply_weight_ablation(writers, directions, 0, cfg, scales=torch.ones(3))
     with pytest.raises(AblationError, match="combine"):
@@ -377,7 +380,7 @@ def test_hooks_are_removed_after_an_exception():
     original = logits(model)
     with (
         pytest.raises(RuntimeError, match="boom"),
-        ablation_hooks(model, writers, random_directions(1, seed=12), 0, AblationConfig()),
+        ablation_hooks(model, writers, random_directions(1, seed=12), 0, MERGED),
     ):
         raise RuntimeError("boom")
     for writer in writers.all_layer_writers():
@@ -390,7 +393,7 @@ def test_hook_point_outside_the_model_fails():
     other = build_tiny_model("mistral")
     with (
         pytest.raises(AblationError, match="hook point"),
-        ablation_hooks(other, writers, random_directions(1, seed=13), 0, AblationConfig()),
+        ablation_hooks(other, writers, random_directions(1, seed=13), 0, MERGED),
     ):
         pass
 
@@ -407,7 +410,7 @@ def test_an_edit_that_is_not_finite_is_refused_and_undone(bad):
         last.weight[0, 0] = bad
     poisoned = parameter_snapshot(model)
     with pytest.raises(AblationError, match="not finite"):
-        apply_weight_ablation(writers, random_directions(1, seed=1), layer=-1, cfg=AblationConfig())
+        apply_weight_ablation(writers, random_directions(1, seed=1), layer=-1, cfg=MERGED)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -37,6 +37,15 @@ component along r' and, at w = 1, the stream gets no component along r. ``sum`` 
 g * r_i are generally not orthogonal even when the r_i are: on post-norm writers only ``merged``
 and ``subspace`` make the stream exactly orthogonal at w = 1.
 
+``combine=auto`` (the config default) is resolved by ``effective_combine`` before anything is
+built: ``merged`` for directions as extracted, ``subspace`` after ``extraction.orthogonalize=svd``.
+SVD returns orthonormal axes, and merging k orthonormal axes e_1..e_k into m = sum_i e_i / sqrt(k)
+removes only (e_i . m)^2 = 1/k of each of them at w = 1 (a ninth of the dominant axis for nine
+categories), whatever the baseline; projecting their span removes all of each. The building
+functions refuse an unresolved ``auto``. ``removed_fraction`` reports, for each extracted
+direction, the share of it that the edit actually removes (the combination confound: merged
+removes most of each direction when they are nearly parallel and little when they point apart).
+
 ``norm_preserving``: after the edit every written vector (the slice of the weight along its
 residual axis: a column of an nn.Linear weight, an expert's column of the fused tensor, a row of
 the embedding; a bias is one vector) is rescaled to its original norm. Rescaling keeps directions,
@@ -159,6 +168,113 @@ def build_residual_projection(
     rank = int((singular_values > tolerance).sum())
     basis = right_vectors[:rank].T  # (d_model, rank)
     return ResidualProjection(left=_shared_strength(strengths) * basis, right=basis)
+
+
+def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> str:
+    """The combination an ablation really uses: ``ablation.combine``, with ``auto`` resolved.
+
+    ``auto`` (the default) means ``merged`` for directions as extracted
+    (``extraction.orthogonalize=none``) and ``subspace`` for SVD-orthogonalised ones
+    (``orthogonalize=svd``). The reason: SVD returns orthonormal axes e_1..e_k, ordered by
+    singular value, and merging them gives m = sum_i e_i / sqrt(k), so the merged edit at weight
+    w removes w (e_i . m)^2 = w / k of each axis, the dominant one included (a ninth for nine
+    categories). "SVD fails" would then follow from that arithmetic, not from the directions or
+    the baseline. Projecting their span (``subspace``) removes the share w of every axis, which
+    is what orthogonalising them is for. An explicit ``combine`` is returned unchanged, so
+    sweeping ``ablation.combine=merged,subspace`` still measures the confound.
+
+    Args:
+        ablation_cfg: the ablation options (a dataclass or DictConfig with a ``combine`` field).
+        orthogonalize: ``extraction.orthogonalize`` (``none`` or ``svd``).
+
+    Returns:
+        One of ``merged``, ``sum``, ``sequential``, ``subspace``.
+
+    Raises:
+        AblationError: an unknown ``combine``, or ``auto`` with an unknown ``orthogonalize``.
+    """
+    combine = ablation_cfg.combine
+    allowed = CHOICES["ablation.combine"]
+    if combine not in allowed:
+        raise AblationError(
+            f"ablation.combine={combine!r} is not valid; choose one of {', '.join(allowed)}"
+        )
+    if combine != "auto":
+        return combine
+    if orthogonalize == "svd":
+        return "subspace"
+    if orthogonalize == "none":
+        return "merged"
+    raise AblationError(
+        f"ablation.combine=auto cannot be resolved for extraction.orthogonalize={orthogonalize!r}; "
+        f"choose one of {', '.join(CHOICES['extraction.orthogonalize'])}"
+    )
+
+
+def removed_fraction(
+    directions: torch.Tensor,
+    cfg: AblationConfig,
+    scales: torch.Tensor | Sequence[float] | None = None,
+    gain: torch.Tensor | None = None,
+) -> list[float]:
+    """The share of each extracted direction that the edit takes out, one value per direction.
+
+    The edit sends everything a writer writes through M = I - U V^T (``W <- M W``; the same M
+    that ``build_residual_projection`` gives ``apply_weight_ablation`` and the hooks). For a
+    unit direction r_i, M r_i is what remains of a written vector r_i, and its component along
+    r_i is r_i^T M r_i, so the share removed is
+
+        removed_i = 1 - r_i^T M r_i = r_i^T (I - M) r_i = (U^T r_i) . (V^T r_i),
+
+    computed in float64 from the factors of the real edit (it cannot drift from it). 1.0: r_i is
+    projected out exactly; 0: untouched; > 1: over-projected (the written component along r_i
+    changes sign); < 0 would mean the edit amplifies r_i. By hand, at weight w with unit scales:
+
+    - ``merged`` (m = normalize(sum_j r_j)): w (r_i . m)^2. Two directions at angle theta lose
+      w cos^2(theta / 2) each; parallel ones lose w; k orthonormal ones lose w / k.
+    - ``sum``: w sum_j (r_i . r_j)^2. k parallel directions lose k w (over-projection), k
+      orthonormal ones lose w.
+    - ``sequential`` (M = P_k ... P_1, P_j = I - w r_j r_j^T): k parallel directions lose
+      1 - (1 - w)^k; at w = 1 every listed direction loses exactly 1 (P_i kills r_i and every
+      P_j is symmetric, so r_i^T P_k..P_1 r_i = (P_{i+1}^T..P_k^T r_i) . (P_i..P_1 r_i) = 0).
+    - ``subspace``: w for every direction (each lies in the span that is projected out).
+
+    With ``direction_norm=relative`` the strengths are w s_j^2 (``merged``/``subspace``:
+    w mean_j s_j^2) instead of w. The directions' own norms do not matter (they are normalised,
+    as by the edit).
+
+    Args:
+        directions: (k, d_model) directions as passed to the edit.
+        cfg: the ablation options with ``combine`` resolved (see ``effective_combine``).
+        scales: (k,) relative scales, required iff ``cfg.direction_norm == "relative"``.
+        gain: (d_model,) gain of a post-writer RMSNorm (Gemma 3). The edit then removes
+            r'_i = normalize(g * r_i) from the writer output, the vector whose image after the
+            norm carries r_i, and the value returned is r'_i^T (I - M) r'_i for that writer's M
+            (the share of the writer output's r'_i component removed, before the norm's
+            rescaling). Without it: the plain writers' figure.
+
+    Returns:
+        k floats; ``[]`` for k = 0.
+
+    Raises:
+        AblationError: as ``build_residual_projection`` (bad directions, scales or options,
+            ``combine=auto`` unresolved).
+    """
+    if not isinstance(directions, torch.Tensor) or directions.ndim != 2:
+        raise AblationError("directions must be a (k, d_model) tensor")
+    _check_config(cfg)
+    if directions.shape[0] == 0:
+        return []
+    projection = build_residual_projection(directions, cfg, scales, gain)
+    probes = _normalize_directions(directions)  # (k, d_model) float64
+    if gain is not None:
+        probes = _normalize_directions(
+            probes * gain.to(device=probes.device, dtype=_BUILD_DTYPE),
+            what="gain-mapped direction",
+        )
+    left = probes @ projection.left.to(_BUILD_DTYPE)  # (k, rank): U^T r_i
+    right = probes @ projection.right.to(_BUILD_DTYPE)  # (k, rank): V^T r_i
+    return (left * right).sum(dim=1).tolist()
 
 
 @dataclass(eq=False)
@@ -310,7 +426,11 @@ def apply_ablation(
     cfg: AblationConfig,
     scales: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Ablate for the duration of a ``with`` block, by weights or hooks as ``cfg.mode`` says."""
+    """Ablate for the duration of a ``with`` block, by weights or hooks as ``cfg.mode`` says.
+
+    ``cfg.combine`` must be resolved (``effective_combine``); ``auto`` raises AblationError.
+    """
+    _check_config(cfg)
     if cfg.mode == "weights":
         with apply_weight_ablation(writers, directions, layer, cfg, scales):
             yield
@@ -505,6 +625,12 @@ def _shared_strength(strengths: torch.Tensor) -> torch.Tensor:
 
 
 def _check_config(cfg: AblationConfig) -> None:
+    if cfg.combine == "auto":
+        raise AblationError(
+            "ablation.combine='auto' was not resolved: call "
+            "effective_combine(cfg.ablation, cfg.extraction.orthogonalize) and pass the result "
+            "(merged without SVD, subspace after SVD) before building or applying an edit"
+        )
     for key in ("scope", "combine", "direction_norm"):
         allowed = CHOICES[f"ablation.{key}"]
         if getattr(cfg, key) not in allowed:

@@ -106,7 +106,9 @@ class ExtractionConfig:
 class AblationConfig:
     weight: float = 1.0  # w in W <- W - w r (r^T W); 1 projects out exactly, >1 over-projects
     scope: str = "all"  # all (every layer's writers) | layer (only the tested layer's writers)
-    combine: str = "merged"  # merged | sum | sequential | subspace
+    # auto (merged; subspace after extraction.orthogonalize=svd: merging k orthonormal axes
+    # removes only 1/k of each) | merged | sum | sequential | subspace
+    combine: str = "auto"
     direction_norm: str = "unit"  # unit | relative (|d| / mean activation norm at the layer)
     norm_preserving: bool = False  # rescale each written vector back to its original norm
     embeddings: bool = False  # also project the direction out of the token embeddings
@@ -182,7 +184,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extraction.neighborhood": ("gaussian", "mexican_hat", "bubble", "triangle"),
     "extraction.orthogonalize": ("none", "svd"),
     "ablation.scope": ("all", "layer"),
-    "ablation.combine": ("merged", "sum", "sequential", "subspace"),
+    "ablation.combine": ("merged", "sum", "sequential", "subspace", "auto"),
     "ablation.direction_norm": ("unit", "relative"),
     "ablation.mode": ("weights", "hooks"),
     "logger.name": ("wandb", "none"),

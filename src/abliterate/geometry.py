@@ -7,6 +7,13 @@ Per layer and harm category c, with G the generic harmless mean:
 Petrov's finding is |m_c| / |u_c| ~ 0.1: subtracting a same-topic mean cancels the topic part
 and leaves a much smaller direction.
 
+Null baselines (method.md, Statistics): with a few dozen prompts per category these quantities
+carry sampling noise of the order of a small matched difference, so ``split_half_reliability``
+says how much of m_c and u_c two disjoint halves of the data agree on, and
+``shuffled_category_null`` gives the same statistics when each category's harmful prompts are
+contrasted with another category's matched set. ``compute_behavioural_capture`` measures capture
+on held-out pairs chosen by what the unedited model did (refused harmful vs answered matched).
+
 Every function takes plain activations at one layer, reduces in float64 and returns Python
 floats. A quantity that is undefined (a zero-norm vector, an empty set) is NaN with a
 RuntimeWarning, never an exception.
@@ -159,6 +166,342 @@ def compute_contrast_geometry(
     return result
 
 
+def _paired_categories(
+    harmful_categories: Sequence[str], matched_categories: Sequence[str], minimum: int, what: str
+) -> tuple[dict[str, list[int]], dict[str, list[int]], list[str], dict[str, str]]:
+    """Rows per category, the categories with >= ``minimum`` prompts on both sides (in order of
+    first appearance among the harmful prompts) and the skipped ones with the reason."""
+    harmful_rows = _rows_by_category(harmful_categories)
+    matched_rows = _rows_by_category(matched_categories)
+    skipped: dict[str, str] = {}
+    used: list[str] = []
+    for category in harmful_rows:
+        if category not in matched_rows:
+            skipped[category] = "no matched prompts"
+        elif min(len(harmful_rows[category]), len(matched_rows[category])) < minimum:
+            skipped[category] = f"fewer than {minimum} prompts on a side"
+        else:
+            used.append(category)
+    skipped |= {c: "no harmful prompts" for c in matched_rows if c not in harmful_rows}
+    if skipped:
+        _warn(f"categories skipped by {what}: {skipped}")
+    return harmful_rows, matched_rows, used, skipped
+
+
+def _population_std(values: list[float]) -> float:
+    """Population standard deviation of the finite values; NaN when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    mean = math.fsum(finite) / len(finite)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in finite) / len(finite))
+
+
+def _plain_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return math.fsum(finite) / len(finite) if finite else math.nan
+
+
+def split_half_reliability(
+    harmful: torch.Tensor,
+    harmful_categories: Sequence[str],
+    matched: torch.Tensor,
+    matched_categories: Sequence[str],
+    unmatched: torch.Tensor,
+    seed: int,
+    n_splits: int = 20,
+) -> dict[str, Any]:
+    """How much of m_c and u_c is signal and how much is sampling noise, by random halves.
+
+    For each of ``n_splits`` seeded splits, each category's harmful prompts and its matched
+    prompts are split at random into halves A and B (sizes floor(n/2) and ceil(n/2)), and so is
+    the generic harmless pool (when given as activations with >= 2 rows; a (d_model,) mean is
+    used as is by both halves). On each half: m_c = mean(harmful_c) - mean(matched_c) and
+    u_c = mean(harmful_c) - mean(generic). Reported per category, then averaged over categories:
+
+    - ``cos_matched_split_half``: cos(m_c^A, m_c^B), mean over splits (``_std``: its spread).
+      The two halves share no prompt, so their estimation errors e_A, e_B are independent; in
+      high dimension cos ~ |m|^2 / (|m|^2 + eps^2), eps^2 the squared norm of a half's error.
+      Near 1: m_c is a stable direction; near 0: m_c is mostly sampling noise (two halves of the
+      same data do not agree on it); 0.5: the noise of a half is as large as the signal.
+    - ``cos_unmatched_split_half``: the same for u_c.
+    - ``cos_matched_to_truth_estimate`` (and ``_unmatched_``): sqrt(2 rho / (1 + rho)) with rho
+      the mean split-half cosine (clipped at 0): under the same approximation, the expected
+      cosine between the full-sample estimate (half the error variance) and the true m_c.
+    - ``norm_ratio_half_mean`` / ``norm_ratio_half_std`` / ``norm_ratio_half_abs_diff``: mean,
+      population standard deviation and mean |A - B| of the 2 n_splits half-sample ratios
+      |m_c|/|u_c|. Noise inflates a norm (E|m_hat|^2 = |m|^2 + eps^2), so a small ratio such as
+      0.1 is biased upward and can be mostly noise.
+    - ``norm_ratio_debiased``: sqrt(mean_s(m_A . m_B) / mean_s(u_A . u_B)). Since the halves'
+      errors are independent, m_A . m_B estimates |m_c|^2 without the noise term (it can be
+      negative when the signal is below the noise: then the ratio is reported as 0).
+
+    Args:
+        harmful: (n, d_model) harmful activations at one layer; harmful_categories: n names.
+        matched: (m, d_model) matched harmless activations; matched_categories: m names.
+        unmatched: (p, d_model) generic harmless activations, or their (d_model,) mean.
+        seed: seeds the splits (a torch.Generator); the same inputs and seed give the same
+            result.
+        n_splits: number of random splits (>= 1).
+
+    Returns:
+        The means over categories of the statistics above (NaN with a warning when no category
+        has a finite value), ``per_category`` (the statistics with ``n_harmful``/``n_matched``),
+        ``categories``, ``skipped_categories`` (category -> reason; a side needs >= 2 prompts),
+        ``n_splits``, ``seed`` and ``generic_split`` (whether the generic pool was split).
+    """
+    _check_rows("harmful", harmful, harmful_categories)
+    _check_rows("matched", matched, matched_categories)
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    harmful_rows, matched_rows, used, skipped = _paired_categories(
+        harmful_categories, matched_categories, 2, "the split-half reliability"
+    )
+    generic_split = unmatched.ndim == 2 and unmatched.shape[0] >= 2
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def halves(rows: list[int]) -> tuple[list[int], list[int]]:
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        cut = len(rows) // 2
+        return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+
+    samples: dict[str, dict[str, list[float]]] = {
+        c: {k: [] for k in ("cos_m", "cos_u", "ratio_a", "ratio_b", "dot_m", "dot_u")} for c in used
+    }
+    for _ in range(n_splits):
+        if generic_split:
+            generic_a, generic_b = halves(list(range(unmatched.shape[0])))
+            generic_means = (_mean64(unmatched[generic_a]), _mean64(unmatched[generic_b]))
+        else:
+            generic_means = (_mean64(unmatched), _mean64(unmatched))
+        for category in used:
+            harmful_halves = halves(harmful_rows[category])
+            matched_halves = halves(matched_rows[category])
+            contrasts = []
+            for harmful_half, matched_half, generic_mean in zip(
+                harmful_halves, matched_halves, generic_means, strict=True
+            ):
+                harmful_mean = _mean64(harmful[harmful_half])
+                contrasts.append(
+                    (harmful_mean - _mean64(matched[matched_half]), harmful_mean - generic_mean)
+                )
+            (m_a, u_a), (m_b, u_b) = contrasts
+            record = samples[category]
+            record["cos_m"].append(_cosine(m_a, m_b))
+            record["cos_u"].append(_cosine(u_a, u_b))
+            record["ratio_a"].append(_ratio(m_a.norm().item(), u_a.norm().item()))
+            record["ratio_b"].append(_ratio(m_b.norm().item(), u_b.norm().item()))
+            record["dot_m"].append(float(m_a @ m_b))
+            record["dot_u"].append(float(u_a @ u_b))
+
+    def to_truth(rho: float) -> float:
+        if not math.isfinite(rho):
+            return math.nan
+        rho = max(rho, 0.0)
+        return math.sqrt(2 * rho / (1 + rho))
+
+    per_category: dict[str, dict[str, Any]] = {}
+    for category in used:
+        record = samples[category]
+        half_ratios = record["ratio_a"] + record["ratio_b"]
+        signal_m, signal_u = _plain_mean(record["dot_m"]), _plain_mean(record["dot_u"])
+        cos_m, cos_u = _plain_mean(record["cos_m"]), _plain_mean(record["cos_u"])
+        per_category[category] = {
+            "cos_matched_split_half": cos_m,
+            "cos_matched_split_half_std": _population_std(record["cos_m"]),
+            "cos_unmatched_split_half": cos_u,
+            "cos_unmatched_split_half_std": _population_std(record["cos_u"]),
+            "cos_matched_to_truth_estimate": to_truth(cos_m),
+            "cos_unmatched_to_truth_estimate": to_truth(cos_u),
+            "norm_ratio_half_mean": _plain_mean(half_ratios),
+            "norm_ratio_half_std": _population_std(half_ratios),
+            "norm_ratio_half_abs_diff": _plain_mean(
+                [abs(a - b) for a, b in zip(record["ratio_a"], record["ratio_b"], strict=True)]
+            ),
+            "norm_ratio_debiased": (
+                math.sqrt(max(signal_m, 0.0) / signal_u)
+                if math.isfinite(signal_m) and signal_u > 0
+                else math.nan
+            ),
+            "n_harmful": len(harmful_rows[category]),
+            "n_matched": len(matched_rows[category]),
+        }
+    labels = list(per_category)
+    result: dict[str, Any] = {}
+    for key in (
+        "cos_matched_split_half",
+        "cos_unmatched_split_half",
+        "cos_matched_to_truth_estimate",
+        "cos_unmatched_to_truth_estimate",
+        "norm_ratio_half_mean",
+        "norm_ratio_half_std",
+        "norm_ratio_half_abs_diff",
+        "norm_ratio_debiased",
+    ):
+        result[key] = _finite_mean([per_category[c][key] for c in labels], key, labels)
+    result |= {
+        "per_category": per_category,
+        "categories": labels,
+        "skipped_categories": skipped,
+        "n_splits": n_splits,
+        "seed": int(seed),
+        "generic_split": generic_split,
+    }
+    return result
+
+
+def _random_derangement(count: int, generator: torch.Generator) -> list[int]:
+    """A uniformly random permutation of range(count) without fixed points (count >= 2), by
+    rejection (about e tries on average)."""
+    while True:
+        permutation = torch.randperm(count, generator=generator).tolist()
+        if all(index != image for index, image in enumerate(permutation)):
+            return permutation
+
+
+_NULL_STATISTICS = (
+    "norm_ratio_matched_to_unmatched",
+    "cos_matched_unmatched",
+    "cos_topic_unmatched",
+)
+
+
+def _contrast_statistics(
+    harmful_mean: torch.Tensor, matched_mean: torch.Tensor, generic_mean: torch.Tensor
+) -> dict[str, float]:
+    unmatched_contrast = harmful_mean - generic_mean  # u_c
+    matched_contrast = harmful_mean - matched_mean  # m_c
+    topic = matched_mean - generic_mean  # t_c
+    return {
+        "norm_ratio_matched_to_unmatched": _ratio(
+            matched_contrast.norm().item(), unmatched_contrast.norm().item()
+        ),
+        "cos_matched_unmatched": _cosine(matched_contrast, unmatched_contrast),
+        "cos_topic_unmatched": _cosine(topic, unmatched_contrast),
+    }
+
+
+def shuffled_category_null(
+    harmful: torch.Tensor,
+    harmful_categories: Sequence[str],
+    matched: torch.Tensor,
+    matched_categories: Sequence[str],
+    unmatched: torch.Tensor,
+    seed: int,
+    n_derangements: int = 20,
+) -> dict[str, Any]:
+    """The contrast geometry when each category is matched against ANOTHER category's set.
+
+    Under the null, the harmful prompts of category c are contrasted with the matched prompts of
+    category pi(c), pi a random derangement of the categories (no category keeps its own set;
+    seeded, ``n_derangements`` of them drawn independently, so with few categories some repeat:
+    there is 1 derangement of 2 categories, 2 of 3, 9 of 4, 133496 of 9). For each derangement
+    the statistics of ``compute_contrast_geometry`` are averaged over categories:
+    |m_c|/|u_c| (``norm_ratio_matched_to_unmatched``), cos(m_c, u_c) (``cos_matched_unmatched``)
+    and cos(t_c, u_c) (``cos_topic_unmatched``), with m_c = mean(harmful_c) - mean(matched_pi(c)),
+    t_c = mean(matched_pi(c)) - G and u_c = mean(harmful_c) - G unchanged.
+
+    If the matched sets carried no category-specific topic (every category's matched prompts
+    drawn from one distribution), the real pairing would be one more random pairing and the real
+    values would fall inside the null's spread. A real ratio clearly below the null says the
+    same-category matched mean cancels a category-specific component of u_c; one inside it says
+    the "matched" cancellation is no more specific than subtracting any harmless-topic mean.
+
+    Args:
+        harmful: (n, d_model) harmful activations at one layer; harmful_categories: n names.
+        matched: (m, d_model) matched harmless activations; matched_categories: m names.
+        unmatched: (p, d_model) generic harmless activations, or their (d_model,) mean.
+        seed: seeds the derangements (a torch.Generator).
+        n_derangements: derangements drawn (>= 1).
+
+    Returns:
+        For each statistic S above: ``S`` (the real value, as ``compute_contrast_geometry``
+        gives it), ``S_null_mean`` and ``S_null_std`` (mean and population standard deviation
+        over derangements of the category-averaged value), ``S_null_p_lower`` and
+        ``S_null_p_upper`` ((1 + #{null <= real}) / (1 + n) and likewise >=: permutation
+        p-values for "real below / above the null"); ``per_category`` (real value and null mean
+        per category), ``null_values`` (S -> the n category-averaged null values),
+        ``categories``, ``skipped_categories``, ``n_derangements``,
+        ``n_distinct_derangements`` and ``seed``. With fewer than two usable categories there
+        is no derangement: the null values are NaN (with a warning).
+    """
+    _check_rows("harmful", harmful, harmful_categories)
+    _check_rows("matched", matched, matched_categories)
+    if n_derangements < 1:
+        raise ValueError(f"n_derangements must be >= 1, got {n_derangements}")
+    harmful_rows, matched_rows, used, skipped = _paired_categories(
+        harmful_categories, matched_categories, 1, "the shuffled-category null"
+    )
+    generic_mean = _mean64(unmatched)
+    harmful_means = {c: _mean64(harmful[harmful_rows[c]]) for c in used}
+    matched_means = {c: _mean64(matched[matched_rows[c]]) for c in used}
+
+    real = {c: _contrast_statistics(harmful_means[c], matched_means[c], generic_mean) for c in used}
+    null_values: dict[str, list[float]] = {key: [] for key in _NULL_STATISTICS}
+    per_category_null: dict[str, dict[str, list[float]]] = {
+        c: {key: [] for key in _NULL_STATISTICS} for c in used
+    }
+    distinct: set[tuple[int, ...]] = set()
+    if len(used) < 2:
+        _warn(
+            f"the shuffled-category null needs two or more categories with prompts on both "
+            f"sides, got {used}; null values are NaN"
+        )
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        for _ in range(n_derangements):
+            permutation = _random_derangement(len(used), generator)
+            distinct.add(tuple(permutation))
+            statistics = {
+                c: _contrast_statistics(
+                    harmful_means[c], matched_means[used[permutation[i]]], generic_mean
+                )
+                for i, c in enumerate(used)
+            }
+            for key in _NULL_STATISTICS:
+                for c in used:
+                    per_category_null[c][key].append(statistics[c][key])
+                null_values[key].append(_plain_mean([statistics[c][key] for c in used]))
+
+    result: dict[str, Any] = {}
+    for key in _NULL_STATISTICS:
+        real_value = _finite_mean([real[c][key] for c in used], key, used)
+        values = [v for v in null_values[key] if math.isfinite(v)]
+        result[key] = real_value
+        result[f"{key}_null_mean"] = _plain_mean(values)
+        result[f"{key}_null_std"] = _population_std(values)
+        if values and math.isfinite(real_value):
+            result[f"{key}_null_p_lower"] = (1 + sum(v <= real_value for v in values)) / (
+                1 + len(values)
+            )
+            result[f"{key}_null_p_upper"] = (1 + sum(v >= real_value for v in values)) / (
+                1 + len(values)
+            )
+        else:
+            result[f"{key}_null_p_lower"] = result[f"{key}_null_p_upper"] = math.nan
+    result["per_category"] = {
+        c: {
+            **real[c],
+            **{
+                f"{key}_null_mean": _plain_mean(per_category_null[c][key])
+                for key in _NULL_STATISTICS
+            },
+            "n_harmful": len(harmful_rows[c]),
+            "n_matched": len(matched_rows[c]),
+        }
+        for c in used
+    }
+    result |= {
+        "null_values": null_values,
+        "categories": used,
+        "skipped_categories": skipped,
+        "n_derangements": n_derangements if len(used) >= 2 else 0,
+        "n_distinct_derangements": len(distinct),
+        "seed": int(seed),
+    }
+    return result
+
+
 def compute_direction_cosines(vectors: torch.Tensor) -> list[list[float]]:
     """Pairwise cosines of the directions: (k, d_model) -> k x k nested list.
 
@@ -244,16 +587,114 @@ def compute_capture(
             harmful_index.append(h)
             matched_index.append(m)
     differences = harmful[harmful_index].double() - matched[matched_index].double()  # (pairs, d)
-    norms = differences.norm(dim=1)  # (pairs,)
-    usable = torch.isfinite(norms) & (norms > 0)
+    fractions = _captured_fractions(basis, differences)  # (pairs,), NaN where x = 0
+    usable = torch.isfinite(fractions)
     if not bool(usable.any()):
         _warn("no harmful/matched pair with a non-zero finite difference; capture is NaN")
         return math.nan
     if len(basis) == 0:
         _warn("no non-zero direction to capture with; capture is 0")
-        return 0.0
+    return float(fractions[usable].mean())
+
+
+def _captured_fractions(basis: torch.Tensor, differences: torch.Tensor) -> torch.Tensor:
+    """|P x| / |x| for each row x of ``differences`` (float64), P the orthogonal projector onto
+    the span of ``basis`` (orthonormal rows, possibly none: then 0). NaN where x is zero or
+    non-finite."""
+    differences = differences.double()
+    norms = differences.norm(dim=1)  # (pairs,)
+    usable = torch.isfinite(norms) & (norms > 0)
+    fractions = torch.full_like(norms, math.nan)
+    if len(basis) == 0:
+        fractions[usable] = 0.0
+        return fractions
     projected = (differences[usable] @ basis.T).norm(dim=1)  # |P x| = |B x|, B orthonormal rows
-    return float((projected / norms[usable]).mean())
+    fractions[usable] = projected / norms[usable]
+    return fractions
+
+
+def compute_behavioural_capture(
+    vectors: torch.Tensor,
+    refused_harmful_acts: torch.Tensor,
+    refused_categories: Sequence[str],
+    answered_matched_acts: torch.Tensor,
+    answered_categories: Sequence[str],
+) -> dict[str, Any]:
+    """Capture on held-out pairs chosen by behaviour (method.md, Geometry: capture).
+
+    A pair is (a held-out harmful prompt the unedited model refused, a held-out matched prompt
+    of the same category it answered); every such pair within a category is used (all
+    refused x answered combinations, so no prompt order matters). For the pair's activation
+    difference x = h_refused - h_answered and P the orthogonal projector onto
+    span(vectors), the pair's capture is |P x| / |x| (the norm fraction, in [0, 1], as in
+    ``compute_capture``). Unlike ``compute_capture`` on the extraction prompts, these prompts did
+    not shape the directions, and the pairs differ in what the model did, not only in the
+    prompt set they came from.
+
+    Args:
+        vectors: (k, d_model) directions (any scale; zero or non-finite ones are ignored).
+        refused_harmful_acts: (n, d_model) activations at the layer of the held-out harmful
+            prompts the unedited model refused; refused_categories: their n categories.
+        answered_matched_acts: (m, d_model) activations at the layer of the held-out matched
+            prompts it answered; answered_categories: their m categories.
+
+    Returns:
+        ``capture`` (mean over all pairs; NaN with a warning when there is no usable pair),
+        ``capture_category_mean`` (mean over categories of the per-category means),
+        ``n_pairs``, ``per_category`` (category -> capture, n_pairs, n_refused, n_answered) and
+        ``skipped_categories`` (category -> which side has no prompts). A pair whose difference
+        is zero is left out. With no non-zero direction every capture is 0 (with a warning).
+    """
+    _check_rows("refused_harmful_acts", refused_harmful_acts, refused_categories)
+    _check_rows("answered_matched_acts", answered_matched_acts, answered_categories)
+    basis = _orthonormal_basis(vectors)  # (r, d_model)
+    if len(basis) == 0:
+        _warn("no non-zero direction to capture with; capture is 0")
+    refused_rows = _rows_by_category(refused_categories)
+    answered_rows = _rows_by_category(answered_categories)
+    skipped = {c: "no answered matched prompt" for c in refused_rows if c not in answered_rows}
+    skipped |= {c: "no refused harmful prompt" for c in answered_rows if c not in refused_rows}
+    if skipped:
+        _warn(f"categories skipped by the behavioural capture: {skipped}")
+    per_category: dict[str, dict[str, Any]] = {}
+    all_fractions: list[torch.Tensor] = []
+    for category, rows in refused_rows.items():
+        if category not in answered_rows:
+            continue
+        refused = refused_harmful_acts[rows].double()  # (a, d)
+        answered = answered_matched_acts[answered_rows[category]].double()  # (b, d)
+        differences = (refused[:, None, :] - answered[None, :, :]).reshape(-1, refused.shape[1])
+        fractions = _captured_fractions(basis, differences)  # (a * b,)
+        usable = torch.isfinite(fractions)
+        if not bool(usable.all()):
+            _warn(
+                f"{int((~usable).sum())} pairs of category {category!r} have a zero or non-finite "
+                "activation difference; left out of the behavioural capture"
+            )
+        fractions = fractions[usable]
+        all_fractions.append(fractions)
+        per_category[category] = {
+            "capture": float(fractions.mean()) if len(fractions) else math.nan,
+            "n_pairs": len(fractions),
+            "n_refused": len(rows),
+            "n_answered": len(answered_rows[category]),
+        }
+    pooled = torch.cat(all_fractions) if all_fractions else torch.zeros(0, dtype=torch.float64)
+    if len(pooled) == 0:
+        _warn(
+            "no refused-harmful / answered-matched pair of the same category with a non-zero "
+            "difference; behavioural capture is NaN"
+        )
+    labels = list(per_category)
+    return {
+        "capture": float(pooled.mean()) if len(pooled) else math.nan,
+        "capture_category_mean": _finite_mean(
+            [per_category[c]["capture"] for c in labels], "behavioural capture", labels
+        ),
+        "n_pairs": len(pooled),
+        "per_category": per_category,
+        "skipped_categories": skipped,
+    }
 
 
 def compute_perturbation_ratio(original: torch.Tensor, ablated: torch.Tensor, layer: int) -> float:
