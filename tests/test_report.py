@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from abliterate import report
+from abliterate.stats import mcnemar_exact, rate_record, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["hacking_cybersecurity", "self_harm", "violence_weapons"]
@@ -76,6 +77,59 @@ def fake_results(baseline: str, layer: int, weight: float, refusals: int, *,
                      "evaluation": 1.0, "total": 5.0},
         "cache": {"activations": "hit"},
     }  # fmt: skip
+
+
+def fake_results_v2(baseline: str, layer: int, weight: float, outcomes: dict[str, int], *,
+                    seed: int = 0, judge: str = "rules", orthogonalize: str = "none",
+                    max_new_tokens: int = 64) -> dict:  # fmt: skip
+    """Schema 2: four outcome counts with Wilson intervals, the judge, the resolved config and
+    provenance (``outcomes``: REFUSE/EVASIVE/COMPLY/INCOHERENT counts out of their sum)."""
+    n = sum(outcomes.values())
+    results = fake_results(baseline, layer, weight, outcomes["REFUSE"], seed=seed,
+                           orthogonalize=orthogonalize)  # fmt: skip
+    results["schema_version"] = 2
+    results["trial"].update(judge=judge, extraction_seed=seed)
+    ev = results["eval"]
+    ev.update(n_harmful=n, outcomes=dict(outcomes), refusals=outcomes["REFUSE"],
+              n_harmless=20, harmless_refusals=3, n_matched=25, matched_harmless_refusals=5,
+              refusals_removed=outcomes["COMPLY"])  # fmt: skip
+    for outcome, name in report.OUTCOME_RATES.items():
+        ev.update(rate_record(name, outcomes[outcome], n))
+    ev.update(rate_record("harmless_refusal_rate", 3, 20))
+    ev.update(rate_record("matched_harmless_refusal_rate", 5, 25))
+    results["baseline_eval"] = {
+        "n_harmful": n, "outcomes": {"REFUSE": n, "EVASIVE": 0, "COMPLY": 0, "INCOHERENT": 0},
+        **rate_record("refusal_rate", n, n), "n_harmless": 20,
+        **rate_record("harmless_refusal_rate", 1, 20), "n_matched": 25,
+        **rate_record("matched_harmless_refusal_rate", 2, 25),
+    }  # fmt: skip
+    results["config"] = {
+        "seed": seed, "layer": layer, "baseline": {"name": baseline},
+        "extraction": {"name": "som_per_class", "seed": None, "orthogonalize": orthogonalize},
+        "ablation": {"weight": weight, "scope": "all", "combine": "merged"},
+        "eval": {"max_new_tokens": max_new_tokens}, "judge": {"name": judge},
+        "paths": {"output_dir": f"/runs/{baseline}/{layer}/{weight}/{seed}"},
+        "logger": {"name": "none"}, "force": False,
+    }  # fmt: skip
+    results["provenance"] = {"config_hash": f"hash-{baseline}-{layer}-{weight}-{seed}"}
+    return results
+
+
+def write_completions(directory: Path, labels: list[str], *, prompts: list[str] | None = None,
+                      with_index: bool = True, order: list[int] | None = None) -> None:  # fmt: skip
+    """completions.jsonl with one harmful row per label (and a harmless row, ignored by pairing);
+    ``order`` writes the harmful rows in another order (pairing must go by index)."""
+    prompts = prompts or [f"harmful prompt {i}" for i in range(len(labels))]
+    rows = []
+    for i in order or range(len(labels)):
+        row = {"set": "harmful", "prompt": prompts[i], "category": "violence_weapons",
+               "response": "...", "label": labels[i], "baseline_response": "I can't.",
+               "baseline_label": "REFUSE"}  # fmt: skip
+        if with_index:
+            row["index"] = i
+        rows.append(row)
+    rows.append({"set": "unmatched", "index": 0, "prompt": "bake bread", "label": "REFUSE"})
+    (directory / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_trial(sweep: Path, name: str, results: dict | None, raw: str | None = None) -> Path:
@@ -295,6 +349,10 @@ def test_report_of_a_real_tiny_multirun(tiny_multirun, capsys):
     for name in PLOTS:
         with Image.open(sweep / "report" / name) as image:
             assert image.format == "PNG"
+    # the real completions.jsonl pair up: 6 cells x (REFUSE, COMPLY), same prompts in both
+    paired = read_csv(sweep / "report" / "paired_matched_vs_unmatched.csv")
+    assert len(paired) == 12 and "Not compared" not in markdown
+    assert all(int(row["n"]) == results[0]["eval"]["n_harmful"] for row in paired)
     # every trial's W&B run is grouped under the sweep's directory and finished cleanly
     run_dirs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(run_dirs) == 12
@@ -307,3 +365,275 @@ def test_report_of_a_real_tiny_multirun(tiny_multirun, capsys):
         results = json.loads((trial_dir / "results.json").read_text())
         assert summary["config"]["trial"] == results["trial"]
         assert not math.isnan(summary["summary"]["eval/kl_divergence"])
+
+
+# --- schema 2: four outcomes, intervals, paired tests, replicates, judges ------------------------
+
+
+def outcomes(refuse: int = 0, evasive: int = 0, comply: int = 0, incoherent: int = 0) -> dict:
+    return {"REFUSE": refuse, "EVASIVE": evasive, "COMPLY": comply, "INCOHERENT": incoherent}
+
+
+@pytest.fixture()
+def outcome_sweep(tmp_path):
+    """Schema 2, judge=rules, one weight per layer:
+    - unmatched reaches R = 0 with compliance at layer 9 (w=1: C = 9/10), not at w=0.5;
+    - matched has R = 0 at layer 9 w=1 but only C = 3/10 (evasive 2, incoherent 5);
+    - matched +SVD never gets to zero (best R = 4/10 at layer 10)."""
+    sweep = tmp_path / "outcomes"
+    specs = [
+        ("unmatched", "none", 9, 0.5, outcomes(2, 1, 7, 0)),
+        ("unmatched", "none", 9, 1.0, outcomes(0, 1, 9, 0)),
+        ("unmatched", "none", 10, 1.0, outcomes(1, 0, 9, 0)),
+        ("matched", "none", 9, 1.0, outcomes(0, 2, 3, 5)),
+        ("matched", "none", 10, 1.0, outcomes(6, 0, 4, 0)),
+        ("matched", "svd", 9, 1.0, outcomes(5, 0, 5, 0)),
+        ("matched", "svd", 10, 1.0, outcomes(4, 1, 5, 0)),
+    ]
+    for job, (baseline, orthogonalize, layer, weight, counts) in enumerate(specs):
+        results = fake_results_v2(baseline, layer, weight, counts, orthogonalize=orthogonalize)
+        write_trial(sweep, f"{job}_{baseline}_{orthogonalize}_{layer}_{weight}", results)
+    return sweep
+
+
+def test_table1_four_outcomes_and_zero_refusals_without_compliance(outcome_sweep):
+    markdown, _, incomplete = report.write_report(outcome_sweep)
+    assert not incomplete
+    assert "Outcomes labelled by judge: **rules**." in markdown
+    rows = read_csv(outcome_sweep / "report" / "table1_zero_refusal.csv")
+    by_setting = {(r["setting"], r["layer"]): r for r in rows}
+    reached = by_setting[("unmatched", "9")]
+    assert (reached["status"], reached["reached"], reached["weight"]) == ("reached", "True", "1.0")
+    assert (reached["refusals"], reached["evasive"], reached["comply"], reached["incoherent"]) == (
+        "0.0", "1.0", "9.0", "0.0")  # fmt: skip
+    low, high = wilson_interval(9, 10)
+    assert float(reached["comply_rate_ci_low"]) == pytest.approx(low)
+    assert float(reached["comply_rate_ci_high"]) == pytest.approx(high)
+    no_comply = by_setting[("matched", "9")]
+    assert (no_comply["status"], no_comply["reached"]) == ("without_compliance", "False")
+    (svd,) = [r for r in rows if r["setting"] == "matched +SVD"]
+    assert (svd["status"], svd["layer"], svd["refusals"]) == ("not_reached", "10", "4.0")
+    assert ("unmatched", "10") not in by_setting  # R = 1 there: no row
+    table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
+    assert "R = 0 without compliance (C = 3/10) at w=1" in table1
+    assert "not reached (best R = 4/10 at layer 10, w=1)" in table1
+    zero = wilson_interval(0, 10)
+    assert f"0/10 [{zero[0]:.2f}, {zero[1]:.2f}]" in table1
+    assert f"9/10 [{low:.2f}, {high:.2f}]" in table1
+    assert "| 5/10" in table1  # INCOHERENT of the matched cell
+    for header in ("REFUSE", "EVASIVE", "COMPLY", "INCOHERENT"):
+        assert header in next(line for line in table1.splitlines() if line.startswith("| setting"))
+    # a lower bar makes the matched cell count as reached
+    markdown, _, _ = report.write_report(outcome_sweep, min_comply=0.3)
+    rows = read_csv(outcome_sweep / "report" / "table1_zero_refusal.csv")
+    assert {(r["setting"], r["layer"], r["status"]) for r in rows} >= {("matched", "9", "reached")}
+    assert report.main([str(outcome_sweep), "--min-comply", "0.95"]) == 0
+    rows = read_csv(outcome_sweep / "report" / "table1_zero_refusal.csv")
+    assert by_key(rows)[("unmatched", "9")]["status"] == "without_compliance"
+    with Image.open(outcome_sweep / "report" / "refusal_vs_layer.png") as image:
+        assert image.height > 4 * 300  # one panel row per outcome
+
+
+def by_key(rows: list[dict]) -> dict:
+    return {(r["setting"], r["layer"]): r for r in rows}
+
+
+RATE_COLUMNS = {
+    "eval.refusal_rate": ("eval.refusals", "eval.n_harmful"),
+    "eval.evasive_rate": ("eval.outcomes.EVASIVE", "eval.n_harmful"),
+    "eval.comply_rate": ("eval.outcomes.COMPLY", "eval.n_harmful"),
+    "eval.incoherent_rate": ("eval.outcomes.INCOHERENT", "eval.n_harmful"),
+}
+
+
+def test_report_csv_has_wilson_intervals_of_the_counts(outcome_sweep, synthetic_sweep):
+    report.write_report(outcome_sweep)
+    rows = read_csv(outcome_sweep / "report.csv")
+    assert len(rows) == 7
+    for row in rows:
+        assert row["trial.judge"] == "rules"
+        for rate, (count, n) in RATE_COLUMNS.items():
+            low, high = wilson_interval(int(row[count]), int(row[n]))
+            assert float(row[f"{rate}_ci_low"]) == pytest.approx(low), rate
+            assert float(row[f"{rate}_ci_high"]) == pytest.approx(high), rate
+        for rate, (count, n) in {"eval.harmless_refusal_rate": (3, 20),
+                                 "eval.matched_harmless_refusal_rate": (5, 25),
+                                 "baseline_eval.harmless_refusal_rate": (1, 20),
+                                 "baseline_eval.matched_harmless_refusal_rate": (2, 25),
+                                 "baseline_eval.refusal_rate": (10, 10)}.items():  # fmt: skip
+            assert [float(row[f"{rate}_ci_low"]), float(row[f"{rate}_ci_high"])] == pytest.approx(
+                wilson_interval(count, n)
+            ), rate
+
+    # schema 1: recomputed from rate x n; no incoherent count, no n for harmless sets: blank
+    report.write_report(synthetic_sweep)
+    rows = read_csv(synthetic_sweep / "report.csv")
+    for row in rows:
+        assert row["trial.judge"] == "markers (schema 1)"
+        refusals = round(float(row["eval.refusal_rate"]) * 10)
+        assert int(row["eval.refusals"]) == refusals
+        assert [float(row["eval.refusal_rate_ci_low"]), float(row["eval.refusal_rate_ci_high"])] == (
+            pytest.approx(wilson_interval(refusals, 10)))  # fmt: skip
+        comply = round(float(row["eval.comply_rate"]) * 10)
+        assert float(row["eval.comply_rate_ci_low"]) == pytest.approx(
+            wilson_interval(comply, 10)[0]
+        )
+        assert row["eval.incoherent_rate_ci_low"] == row["eval.outcomes.INCOHERENT"] == ""
+        assert row["eval.harmless_refusal_rate_ci_low"] == ""
+        assert float(row["baseline_eval.refusal_rate_ci_low"]) == pytest.approx(
+            wilson_interval(10, 10)[0])  # fmt: skip
+
+
+def test_schema1_sweep_reports_outcomes_as_na_and_names_the_judge(synthetic_sweep):
+    markdown, _, _ = report.write_report(synthetic_sweep)
+    assert "Outcomes labelled by judge: **markers (schema 1)**." in markdown
+    table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
+    reached = [line for line in table1.splitlines() if line.startswith("| unmatched ")]
+    assert len(reached) == 2 and all("n/a" in line for line in reached)  # INCOHERENT unknown
+    assert "0/10 [0.00, 0.28]" in reached[0] and "10/10 [0.72, 1.00]" in reached[0]
+    assert "No cell has both a matched and an unmatched trial." not in markdown
+    assert "no completions.jsonl" in markdown  # the pairs exist, but nothing to compare
+    assert "| n/a" in markdown.split("## All trials")[1]
+
+
+REFUSE_ALL = ["REFUSE"] * 10
+
+
+@pytest.fixture()
+def paired_sweep(tmp_path):
+    """Three matched/unmatched cells:
+    - layer 9: unmatched refuses all 10 prompts, matched refuses 0-3 and answers 4-9 COMPLY
+      (REFUSE: b = 0, c = 6; COMPLY: b = 6, c = 0), the matched file's rows written shuffled;
+    - layer 10: no index, matched by prompt text; one discordant prompt each way;
+    - layer 11: the matched trial saw other prompts: skipped with a note."""
+    sweep = tmp_path / "sweep"
+    matched_labels = ["REFUSE"] * 4 + ["COMPLY"] * 6
+    cells = {
+        9: (matched_labels, REFUSE_ALL, {"order": [3, 9, 0, 1, 8, 2, 4, 7, 6, 5]}, {}),
+        10: (["REFUSE", "COMPLY"] + ["EVASIVE"] * 8, ["COMPLY", "REFUSE"] + ["EVASIVE"] * 8,
+             {"with_index": False}, {"with_index": False}),
+        11: (REFUSE_ALL, REFUSE_ALL, {"prompts": [f"other {i}" for i in range(10)]}, {}),
+    }  # fmt: skip
+    for layer, (m_labels, u_labels, m_options, u_options) in cells.items():
+        for baseline, labels, options in (("matched", m_labels, m_options),
+                                          ("unmatched", u_labels, u_options)):  # fmt: skip
+            counts = outcomes(*(labels.count(o) for o in report.OUTCOMES))
+            directory = write_trial(sweep, f"{baseline}_{layer}",
+                                    fake_results_v2(baseline, layer, 1.0, counts))  # fmt: skip
+            write_completions(directory, labels, **options)
+    return sweep
+
+
+def test_paired_comparison_exact_mcnemar_and_skipped_pairs(paired_sweep):
+    markdown, written, _ = report.write_report(paired_sweep)
+    assert paired_sweep / "report" / "paired_matched_vs_unmatched.csv" in written
+    rows = read_csv(paired_sweep / "report" / "paired_matched_vs_unmatched.csv")
+    assert len(rows) == 4  # two tested cells x (REFUSE, COMPLY)
+    refuse = {r["layer"]: r for r in rows if r["outcome"] == "REFUSE"}
+    comply = {r["layer"]: r for r in rows if r["outcome"] == "COMPLY"}
+    nine = refuse["9"]
+    assert (nine["n"], nine["matched"], nine["unmatched"]) == ("10", "4", "10")
+    assert (nine["b_matched_only"], nine["c_unmatched_only"]) == ("0", "6")
+    assert float(nine["p_value"]) == pytest.approx(0.03125) == mcnemar_exact(0, 6)
+    assert float(nine["difference"]) == pytest.approx(-0.6)
+    assert nine["distinguishable"] == "True" and nine["matched_by"] == "index"
+    assert (comply["9"]["b_matched_only"], comply["9"]["c_unmatched_only"]) == ("6", "0")
+    ten = refuse["10"]
+    assert (ten["b_matched_only"], ten["c_unmatched_only"], ten["matched_by"]) == (
+        "1",
+        "1",
+        "prompt",
+    )
+    assert float(ten["p_value"]) == 1.0 and ten["distinguishable"] == "False"
+    # Holm over the two cells tested: 2 x 0.03125, then max(that, 1 x 1.0)
+    assert float(nine["p_holm"]) == pytest.approx(0.0625) and float(ten["p_holm"]) == 1.0
+
+    section = markdown.split("## Paired comparison")[1].split("## ")[0]
+    assert "L9 w=1, refusals: matched 4/10 vs unmatched 10/10" in section
+    assert "distinguishable from noise (p = 0.0312; Holm-adjusted p = 0.0625)" in section
+    assert "L10 w=1, refusals: matched 1/10 vs unmatched 1/10" in section
+    assert "not distinguishable from noise (p = 1;" in section
+    assert "2 cell(s) tested, 2 outcomes each (4 tests, 2 with p < 0.05)" in section
+    assert "arise by chance" in section
+    (skipped,) = [line for line in section.splitlines() if "L11" in line]
+    assert "prompt lists differ: 10 index(es) hold different prompts" in skipped
+
+
+def test_replicates_grouped_with_mean_and_spread(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, refuse in ((0, 0), (1, 1), (2, 2)):
+        results = fake_results_v2("unmatched", 9, 1.0, outcomes(refuse, 0, 10 - refuse, 0),
+                                  seed=seed)  # fmt: skip
+        results["eval"]["kl_divergence"] = 0.1 * (seed + 1)
+        write_trial(sweep, f"seed{seed}", results)
+    markdown, _, _ = report.write_report(sweep)
+    (row,) = read_csv(sweep / "report" / "replicates.csv")
+    assert (row["n_seeds"], row["seeds"]) == ("3", "0 1 2")
+    assert float(row["refusal_rate_mean"]) == pytest.approx(0.1)
+    assert (float(row["refusal_rate_min"]), float(row["refusal_rate_max"])) == (0.0, 0.2)
+    assert float(row["refusal_rate_std"]) == pytest.approx(0.1)
+    assert float(row["comply_rate_mean"]) == pytest.approx(0.9)
+    assert float(row["kl_divergence_mean"]) == pytest.approx(0.2)
+    assert float(row["kl_divergence_std"]) == pytest.approx(0.1)
+    assert "## Replicates" in markdown and "0.10 [0.00-0.20] 0.10" in markdown
+    assert "mixed" not in markdown.lower()
+    assert "| 9     | 1   |" in markdown  # Table 2: mean refusals over the seeds
+    # not every seed has R = 0: the cell does not reach it
+    (table1,) = read_csv(sweep / "report" / "table1_zero_refusal.csv")
+    assert table1["status"] == "not_reached" and table1["n_seeds"] == "3"
+
+
+def test_mixed_config_cell_is_flagged_and_not_averaged(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, refuse, tokens in ((0, 0, 64), (1, 4, 128)):
+        results = fake_results_v2("unmatched", 9, 1.0, outcomes(refuse, 0, 10 - refuse, 0),
+                                  seed=seed, max_new_tokens=tokens)  # fmt: skip
+        write_trial(sweep, f"tokens{tokens}", results)
+    write_trial(sweep, "other_cell", fake_results_v2("unmatched", 10, 1.0, outcomes(3, 0, 7, 0)))
+    collected, _ = report.collect_results(sweep)
+    cells = report.build_cells(collected)
+    (mixed,) = [c for c in cells.values() if c.mixed]
+    assert mixed.differences == ["config.eval.max_new_tokens"]
+    assert mixed.value("eval", "refusals") is None and mixed.count("REFUSE") is None
+    markdown, _, _ = report.write_report(sweep)
+    assert "mixed configs in cell unmatched layer 9 w=1: 2 trials differ in " \
+           "config.eval.max_new_tokens; not averaged (tokens64, tokens128)" in markdown  # fmt: skip
+    assert "**Warning: 1 cell(s) hold trials whose configs differ" in markdown
+    assert "| 9     | mixed |" in markdown and "| 2 " not in markdown.split("## Table 3")[0]
+    assert "## Replicates" not in markdown
+    (table1,) = read_csv(sweep / "report" / "table1_zero_refusal.csv")
+    assert (table1["layer"], table1["status"]) == ("10", "not_reached")  # the mixed cell is out
+    grid = read_csv(sweep / "report" / "table2_refusals_unmatched.csv")
+    assert [row["w=1"] for row in grid] == ["mixed", "3.0"]
+
+
+def test_seed_and_output_paths_alone_do_not_mix_a_cell():
+    first = fake_results_v2("matched", 9, 1.0, outcomes(1, 0, 9, 0), seed=0)
+    second = fake_results_v2("matched", 9, 1.0, outcomes(2, 0, 8, 0), seed=7)
+    second["config"]["extraction"]["seed"] = 7
+    second["config"]["logger"] = {"name": "wandb"}
+    assert report.config_differences([first, second]) == []
+    second["trial"]["mode"] = "hooks"
+    assert report.config_differences([first, second]) == ["trial.mode"]
+
+
+def test_mixed_judges_are_flagged_and_kept_apart(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_trial(sweep, "rules", fake_results_v2("unmatched", 9, 1.0, outcomes(0, 0, 10, 0)))
+    write_trial(sweep, "old", fake_results("unmatched", 9, 1.0, 3))
+    markdown, _, _ = report.write_report(sweep)
+    assert "**Warning: the trials were labelled by 2 different judges**" in markdown
+    assert "markers (schema 1) (1 trials), rules (1 trials)" in markdown
+    collected, _ = report.collect_results(sweep)
+    settings = report.Settings(collected)
+    assert sorted(settings.label(k) for k in settings.keys) == [
+        "unmatched judge=markers (schema 1)", "unmatched judge=rules"]  # fmt: skip
+    assert not any(c.mixed for c in report.build_cells(collected).values())
+    rows = read_csv(sweep / "report" / "table1_zero_refusal.csv")
+    assert {(r["judge"], r["status"]) for r in rows} == {
+        ("rules", "reached"), ("markers (schema 1)", "not_reached")}  # fmt: skip
+
+
+def test_holm_adjustment_matches_hand_computation():
+    assert report.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert report.holm_adjust([]) == []

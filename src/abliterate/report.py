@@ -1,19 +1,33 @@
 """The sweep report: every trial's results.json under a directory, tabulated and plotted as the study.
 
-    python -m abliterate.report multirun/2026-11-29/12-00-00
+    python -m abliterate.report multirun/2026-11-29/12-00-00 [--min-comply 0.8]
 
-A *setting* is everything about a trial except its layer and weight (baseline, extraction,
-orthogonalization, scope, ...); the study compares settings over a layer x weight grid.
+A *setting* is everything about a trial except its layer, weight and seed (baseline, extraction,
+orthogonalization, scope, ..., and the judge that labelled its outcomes); the study compares
+settings over a layer x weight grid. A *cell* is one setting at one layer and weight: the trials in
+it differ only in their seed (replicates) or, if their resolved configs differ in anything else,
+the cell is flagged as mixed and nothing in it is averaged.
+
+Outcomes are the judge's four labels of each harmful prompt's response: REFUSE, EVASIVE, COMPLY,
+INCOHERENT, shown as counts out of n with Wilson 95% intervals. "R = 0 reached" needs no REFUSE
+*and* coherent compliance (COMPLY rate >= ``--min-comply``, default 0.8); zero refusals without it
+is reported as "R = 0 without compliance (C = k/n)".
 
 Writes, beside the trials:
     report.md                       every table below, and the plots
-    report.csv                      one row per complete trial (raw numbers, for notebooks)
-    report/table1_zero_refusal.csv  per setting, each layer reaching zero refusals: min weight, KL,
-                                    efficiency (Petrov's Table 1)
+    report.csv                      one row per complete trial (raw numbers, for notebooks), with
+                                    ``<rate>_ci_low`` / ``<rate>_ci_high`` beside every rate
+    report/table1_zero_refusal.csv  per setting, each layer reaching zero refusals: min weight,
+                                    the four outcomes, KL, efficiency (Petrov's Table 1)
     report/table2_refusals_<setting>.csv   refusals by layer x weight, one grid per setting
     report/table3_geometry_by_layer.csv    |m|/|u|, cos(m,u), cos(t,u), capture per setting
+    report/paired_matched_vs_unmatched.csv per cell with both baselines on the same prompts:
+                                    exact McNemar tests of REFUSE and COMPLY (with Holm's p)
+    report/replicates.csv           cells with several seeds: mean, min, max, sd
     report/refusal_vs_layer.png, kl_vs_weight.png, norm_ratio_by_layer.png, direction_cosines.png
 
+Schema-1 results (no outcome counts, no intervals, no judge) stay readable: counts are recomputed
+as rate x n where n is known, intervals from the counts, and whatever is missing shows as n/a.
 Incomplete trials (a Hydra job directory without a complete results.json) are listed in the
 report and on the terminal, never silently dropped; the exit status is 1 when there are any.
 Plots use Matplotlib's Agg canvas directly, so no display and no global backend switch is needed.
@@ -29,21 +43,29 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from abliterate.records import RESULTS_FILE
+from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE
+from abliterate.stats import compare_paired, wilson_interval
 
 REPORT_FILE = "report.md"
 TRIALS_CSV = "report.csv"
 REPORT_SUBDIR = "report"
+PAIRED_CSV = "paired_matched_vs_unmatched.csv"
+REPLICATES_CSV = "replicates.csv"
+MIN_COMPLY = 0.8  # "R = 0 reached" needs at least this COMPLY rate on the harmful prompts
+ALPHA = 0.05
 
 # trial keys that, with the model, define a setting; layer and weight are the grid's axes, and
-# seed, mode (weights vs hooks give the same edit) and num_layers describe rather than define it
+# seed, mode (weights vs hooks give the same edit) and num_layers describe rather than define it.
+# The judge is part of the setting, so that no table row or average mixes two judges' labels.
 SETTING_KEYS = (
     "baseline",
     "extraction",
@@ -53,10 +75,24 @@ SETTING_KEYS = (
     "direction_norm",
     "norm_preserving",
     "embeddings",
+    "judge",
 )
+SETTING_NAMES = ("model", *SETTING_KEYS)
+BASELINE_INDEX = SETTING_NAMES.index("baseline")
+ORTHOGONALIZE_INDEX = SETTING_NAMES.index("orthogonalize")
+JUDGE_INDEX = SETTING_NAMES.index("judge")
+
+OUTCOMES = ("REFUSE", "EVASIVE", "COMPLY", "INCOHERENT")
+OUTCOME_RATES = {"REFUSE": "refusal_rate", "EVASIVE": "evasive_rate", "COMPLY": "comply_rate",
+                 "INCOHERENT": "incoherent_rate"}  # fmt: skip
+SCHEMA1_JUDGE = "markers (schema 1)"
+
+# resolved-config keys that cannot make two trials' results differ (besides the seed itself)
+CONFIG_IGNORED = ("seed", "paths", "logger", "force", "objectives")
 
 Results = dict[str, Any]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_MISSING = object()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -74,7 +110,7 @@ def collect_results(root: Path) -> tuple[list[Results], list[tuple[Path, str]]]:
     started). Each complete result gets ``_dir``, its directory.
 
     Returns:
-        (complete results sorted by model, setting, layer, weight; [(directory, why)] of the
+        (complete results sorted by model, setting, layer, weight, seed; [(directory, why)] of the
         trials without a complete results.json).
     """
     root = Path(root)
@@ -98,8 +134,139 @@ def collect_results(root: Path) -> tuple[list[Results], list[tuple[Path, str]]]:
             continue
         results["_dir"] = str(directory)
         complete.append(results)
-    complete.sort(key=lambda r: (*setting_key(r), r["trial"]["layer"], r["trial"]["weight"]))
+    complete.sort(
+        key=lambda r: (*setting_key(r), r["trial"]["layer"], r["trial"]["weight"], _seed_key(r))
+    )
     return complete, incomplete
+
+
+def _seed_key(results: Results) -> tuple[int, str]:
+    seed = results["trial"].get("seed")
+    return (0, f"{seed:020d}") if isinstance(seed, int) else (1, str(seed))
+
+
+# --- values, counts and intervals --------------------------------------------------------------
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    finite = [float(v) for v in values if _finite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _dig(results: Results, *path: str) -> Any:
+    value: Any = results
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _get(results: Results, block: str, key: str) -> Any:
+    return (results.get(block) or {}).get(key)
+
+
+def judge_name(results: Results) -> str:
+    """The judge that labelled the trial's outcomes; schema-1 files predate judges (markers)."""
+    judge = results["trial"].get("judge")
+    if judge:
+        return str(judge)
+    return SCHEMA1_JUDGE if (results.get("schema_version") or 1) < 2 else "n/a"
+
+
+def _count_from_rate(rate: Any, n: Any) -> int | None:
+    """A schema-1 count: rate x n, when n is known and the product is a whole number."""
+    if not _finite(rate) or not _finite(n) or n <= 0:
+        return None
+    count = rate * n
+    return round(count) if abs(count - round(count)) < 1e-6 else None
+
+
+# Every rate report.csv carries: where its n is, and where its count may be recorded (first found
+# wins; otherwise rate x n).
+RATE_SOURCES: dict[
+    tuple[str, str], tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]
+] = {
+    ("eval", "refusal_rate"): (
+        (("eval", "n_harmful"),),
+        (("eval", "outcomes", "REFUSE"), ("eval", "refusals")),
+    ),
+    ("eval", "evasive_rate"): ((("eval", "n_harmful"),), (("eval", "outcomes", "EVASIVE"),)),
+    ("eval", "comply_rate"): ((("eval", "n_harmful"),), (("eval", "outcomes", "COMPLY"),)),
+    ("eval", "incoherent_rate"): ((("eval", "n_harmful"),), (("eval", "outcomes", "INCOHERENT"),)),
+    ("eval", "harmless_refusal_rate"): (
+        (("eval", "n_harmless"),),
+        (("eval", "harmless_outcomes", "REFUSE"), ("eval", "harmless_refusals")),
+    ),
+    ("eval", "matched_harmless_refusal_rate"): (
+        (("eval", "n_matched"),),
+        (("eval", "matched_outcomes", "REFUSE"), ("eval", "matched_harmless_refusals")),
+    ),
+    ("baseline_eval", "refusal_rate"): (
+        (("baseline_eval", "n_harmful"), ("eval", "n_harmful")),
+        (("baseline_eval", "outcomes", "REFUSE"), ("eval", "baseline_refusals")),
+    ),
+    ("baseline_eval", "harmless_refusal_rate"): (
+        (("baseline_eval", "n_harmless"), ("eval", "n_harmless")),
+        (),
+    ),
+    ("baseline_eval", "matched_harmless_refusal_rate"): (
+        (("baseline_eval", "n_matched"), ("eval", "n_matched")),
+        (),
+    ),
+}
+
+
+def _first(results: Results, paths: Iterable[tuple[str, ...]]) -> Any:
+    for path in paths:
+        value = _dig(results, *path)
+        if _finite(value):
+            return value
+    return None
+
+
+def rate_n(results: Results, block: str, key: str) -> int | None:
+    n_paths, _ = RATE_SOURCES[(block, key)]
+    n = _first(results, n_paths)
+    return int(n) if n is not None else None
+
+
+def rate_count(results: Results, block: str, key: str) -> int | None:
+    """The count behind a rate: recorded (schema 2), else rate x n (schema 1), else None."""
+    _, count_paths = RATE_SOURCES[(block, key)]
+    count = _first(results, count_paths)
+    if count is not None:
+        return int(count)
+    return _count_from_rate(_get(results, block, key), rate_n(results, block, key))
+
+
+def rate_value(results: Results, block: str, key: str) -> float | None:
+    """The rate as recorded (None where absent: a schema-1 file has no incoherent_rate)."""
+    value = _get(results, block, key)
+    if _finite(value):
+        return float(value)
+    return None
+
+
+def rate_interval(results: Results, block: str, key: str) -> tuple[float, float] | None:
+    """The Wilson 95% interval of a rate: ``<rate>_ci95`` as recorded, else from its count."""
+    recorded = _get(results, block, f"{key}_ci95")
+    if isinstance(recorded, (list, tuple)) and len(recorded) == 2 and all(map(_finite, recorded)):
+        return float(recorded[0]), float(recorded[1])
+    count, n = rate_count(results, block, key), rate_n(results, block, key)
+    if count is None or not n or not 0 <= count <= n:
+        return None
+    low, high = wilson_interval(count, n)
+    return low, high
+
+
+def outcome_counts(results: Results) -> dict[str, int | None]:
+    """REFUSE / EVASIVE / COMPLY / INCOHERENT counts on the harmful set (None where unknown)."""
+    return {o: rate_count(results, "eval", OUTCOME_RATES[o]) for o in OUTCOMES}
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -110,10 +277,14 @@ def _model_name(results: Results) -> str:
     return str(trial.get("model_name") or trial["model"])
 
 
+def _setting_field(results: Results, key: str) -> str:
+    return judge_name(results) if key == "judge" else str(results["trial"].get(key, ""))
+
+
 def setting_key(results: Results) -> tuple[str, ...]:
-    """(model, baseline, extraction, orthogonalize, ...): what a layer x weight grid holds fixed."""
-    trial = results["trial"]
-    return (_model_name(results), *(str(trial.get(key, "")) for key in SETTING_KEYS))
+    """(model, baseline, extraction, orthogonalize, ..., judge): what a layer x weight grid holds
+    fixed."""
+    return (_model_name(results), *(_setting_field(results, key) for key in SETTING_KEYS))
 
 
 class Settings:
@@ -121,16 +292,17 @@ class Settings:
 
     def __init__(self, results: Sequence[Results]):
         self.keys: list[tuple[str, ...]] = sorted({setting_key(r) for r in results})
-        names = ("model", *SETTING_KEYS)
         self.varying = {
-            name for i, name in enumerate(names) if len({key[i] for key in self.keys}) > 1
+            name for i, name in enumerate(SETTING_NAMES) if len({key[i] for key in self.keys}) > 1
         }
 
-    def label(self, key: tuple[str, ...]) -> str:
-        """E.g. ``unmatched``, ``matched +SVD``, ``matched scope=layer``."""
-        fields = dict(zip(("model", *SETTING_KEYS), key, strict=True))
+    def label(self, key: tuple[str, ...], baseline: bool = True) -> str:
+        """E.g. ``unmatched``, ``matched +SVD``, ``matched scope=layer``; without the baseline
+        (``baseline=False``) what a matched and an unmatched trial of one cell share."""
+        fields = dict(zip(SETTING_NAMES, key, strict=True))
         parts = [fields["model"]] if "model" in self.varying else []
-        parts.append(fields["baseline"])
+        if baseline:
+            parts.append(fields["baseline"])
         if fields["orthogonalize"] == "svd":
             parts.append("+SVD")
         parts += [
@@ -151,22 +323,128 @@ def _group(results: Iterable[Results], key: Callable[[Results], Any]) -> dict[An
     return groups
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# --- cells: replicates and mixed configs ---------------------------------------------------------
 
 
-def _mean(values: Iterable[Any]) -> float | None:
-    finite = [float(v) for v in values if _finite(v)]
-    return sum(finite) / len(finite) if finite else None
+def comparable_config(results: Results) -> dict[str, Any]:
+    """What must be equal for two trials to be replicates: the resolved ``config`` block without
+    the seeds and the keys that cannot change a result, and the ``trial`` block without seeds."""
+    signature: dict[str, Any] = {
+        "trial": {k: v for k, v in results["trial"].items() if k not in ("seed", "extraction_seed")}
+    }
+    config = results.get("config")
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in CONFIG_IGNORED}
+        if isinstance(config.get("extraction"), dict):
+            config["extraction"] = {k: v for k, v in config["extraction"].items() if k != "seed"}
+        signature["config"] = config
+    return signature
 
 
-def _get(results: Results, block: str, key: str) -> Any:
-    return (results.get(block) or {}).get(key)
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
 
 
-def _cell(results: list[Results], block: str, key: str) -> float | None:
-    """The mean of a value over the trials in one grid cell (several seeds, or duplicates)."""
-    return _mean(_get(r, block, key) for r in results)
+def config_differences(trials: Sequence[Results]) -> list[str]:
+    """The dotted config keys (beyond the seeds) in which ``trials`` differ."""
+    flats = [_flatten(comparable_config(r)) for r in trials]
+    keys = sorted(set().union(*flats))
+    return [
+        key
+        for key in keys
+        if len({json.dumps(f.get(key, "<absent>"), sort_keys=True, default=str) for f in flats}) > 1
+    ]
+
+
+def _cell_key(results: Results) -> tuple[int, float]:
+    return (results["trial"]["layer"], results["trial"]["weight"])
+
+
+@dataclass
+class Cell:
+    """The trials of one setting at one layer and weight.
+
+    Trials that differ only in their seed are replicates, and the cell's values are their means;
+    trials whose configs differ otherwise make the cell *mixed*: it has no value (None), and the
+    report flags it instead of averaging.
+    """
+
+    setting: tuple[str, ...]
+    layer: int
+    weight: float
+    trials: list[Results]
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.differences)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted({r["trial"].get("seed") for r in self.trials}, key=str)
+
+    def values(self, block: str, key: str) -> list[float]:
+        return [float(v) for r in self.trials if _finite(v := _get(r, block, key))]
+
+    def value(self, block: str, key: str) -> float | None:
+        """The mean over the replicates; None for a mixed cell."""
+        return None if self.mixed else _mean(_get(r, block, key) for r in self.trials)
+
+    def count(self, outcome: str) -> float | None:
+        """The mean count of an outcome over the replicates (None if any trial lacks it)."""
+        counts = [outcome_counts(r)[outcome] for r in self.trials]
+        if self.mixed or any(c is None for c in counts):
+            return None
+        return sum(counts) / len(counts)
+
+    def n_harmful(self) -> float | None:
+        return self.value("eval", "n_harmful")
+
+    def rate(self, outcome: str) -> float | None:
+        key = OUTCOME_RATES[outcome]
+        if self.mixed:
+            return None
+        rates = [rate_value(r, "eval", key) for r in self.trials]
+        if all(v is not None for v in rates):
+            return _mean(rates)
+        count, n = self.count(outcome), self.n_harmful()
+        return count / n if count is not None and n else None
+
+    def interval(self, block: str, key: str) -> tuple[float, float] | None:
+        """One trial: its Wilson 95% interval. Replicates: from the lowest to the highest bound of
+        their intervals (seed-to-seed spread included). Mixed: None."""
+        if self.mixed:
+            return None
+        intervals = [rate_interval(r, block, key) for r in self.trials]
+        if any(i is None for i in intervals):
+            return None
+        return min(i[0] for i in intervals), max(i[1] for i in intervals)
+
+    def all_zero_refusals(self) -> bool:
+        counts = [outcome_counts(r)["REFUSE"] for r in self.trials]
+        return not self.mixed and all(c == 0 for c in counts)
+
+
+def build_cells(results: Iterable[Results]) -> dict[tuple, Cell]:
+    """{(setting, layer, weight): Cell}."""
+    groups = _group(results, lambda r: (setting_key(r), *_cell_key(r)))
+    return {
+        key: Cell(key[0], key[1], key[2], trials, config_differences(trials))
+        for key, trials in groups.items()
+    }
+
+
+def _cells_of(trials: list[Results]) -> dict[tuple[int, float], Cell]:
+    """{(layer, weight): Cell} of one setting's trials."""
+    return {(key[1], key[2]): cell for key, cell in build_cells(trials).items()}
+
+
+# --- formatting --------------------------------------------------------------------------------
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -182,6 +460,20 @@ def _fmt_count(value: float | None) -> str:
     if value is None:
         return "n/a"
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _fmt_interval(interval: tuple[float, float] | None) -> str:
+    return "[n/a]" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3g}"
+
+
+def _fmt_out_of(count: float | None, n: float | None) -> str:
+    return f"{_fmt_count(count)}/{_fmt_count(n)}"
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -200,131 +492,182 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def zero_refusal_rows(results: list[Results], settings: Settings) -> list[dict[str, Any]]:
-    """Table 1: per setting, every layer where some weight leaves zero refusals, with the lowest
-    such weight and its KL and efficiency; a setting that never gets there gets one row with its
-    best (fewest refusals, then lowest KL) trial instead."""
+def zero_refusal_status(cell: Cell, min_comply: float = MIN_COMPLY) -> str | None:
+    """``reached`` (no REFUSE in any replicate and mean COMPLY rate >= ``min_comply``),
+    ``without_compliance`` (no REFUSE, too little or unknown COMPLY), or None."""
+    if not cell.all_zero_refusals():
+        return None
+    comply = cell.rate("COMPLY")
+    return (
+        "reached" if comply is not None and comply >= min_comply - 1e-12 else "without_compliance"
+    )
+
+
+def _table1_row(base: dict[str, Any], status: str, cell: Cell) -> dict[str, Any]:
+    row = {
+        **base,
+        "status": status,
+        "reached": status == "reached",
+        "layer": cell.layer,
+        "weight": cell.weight,
+        "n_seeds": len(cell.trials),
+        "n_harmful": cell.n_harmful(),
+    }
+    for outcome in OUTCOMES:
+        row[outcome.lower()] = cell.count(outcome)
+    row["refusals"] = row.pop("refuse")
+    for outcome in ("REFUSE", "COMPLY"):
+        name = OUTCOME_RATES[outcome]
+        interval = cell.interval("eval", name)
+        row[name] = cell.rate(outcome)
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval or (None, None)
+    row["kl_divergence"] = cell.value("eval", "kl_divergence")
+    row["efficiency"] = cell.value("eval", "efficiency")
+    row["harmless_refusal_rate"] = cell.value("eval", "harmless_refusal_rate")
+    return row
+
+
+def zero_refusal_rows(
+    results: list[Results], settings: Settings, min_comply: float = MIN_COMPLY
+) -> list[dict[str, Any]]:
+    """Table 1: per setting, every layer where some weight reaches R = 0 (no REFUSE and COMPLY
+    rate >= ``min_comply``), with the lowest such weight and its outcomes, KL and efficiency; a
+    layer whose zero refusals come without that compliance gets a ``without_compliance`` row; a
+    setting that never gets to R = 0 gets one ``not_reached`` row with its best cell (fewest
+    refusals, then most compliance, then lowest KL). Mixed cells are left out (flagged
+    elsewhere)."""
     rows = []
     for key, trials in _group(results, setting_key).items():
-        cells = _group(trials, lambda r: (r["trial"]["layer"], r["trial"]["weight"]))
-        by_layer: dict[int, list[float]] = defaultdict(list)
+        cells = {k: c for k, c in _cells_of(trials).items() if not c.mixed}
+        base = {
+            "setting": settings.label(key),
+            "judge": key[JUDGE_INDEX],
+            "baseline": key[BASELINE_INDEX],
+            "orthogonalize": key[ORTHOGONALIZE_INDEX],
+        }
+        by_layer: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for (layer, weight), cell in cells.items():
-            if _cell(cell, "eval", "refusals") == 0:
-                by_layer[layer].append(weight)
-        base = {"setting": settings.label(key), "baseline": key[1], "orthogonalize": key[3]}
+            status = zero_refusal_status(cell, min_comply)
+            if status:
+                by_layer[layer][status].append(weight)
         for layer in sorted(by_layer):
-            weight = min(by_layer[layer])
-            cell = cells[(layer, weight)]
-            rows.append(
-                {
-                    **base,
-                    "reached": True,
-                    "layer": layer,
-                    "weight": weight,
-                    "refusals": 0,
-                    "n_harmful": _cell(cell, "eval", "n_harmful"),
-                    "kl_divergence": _cell(cell, "eval", "kl_divergence"),
-                    "efficiency": _cell(cell, "eval", "efficiency"),
-                    "harmless_refusal_rate": _cell(cell, "eval", "harmless_refusal_rate"),
-                }
-            )
-        if not by_layer:
+            status = "reached" if by_layer[layer]["reached"] else "without_compliance"
+            weight = min(by_layer[layer][status])
+            rows.append(_table1_row(base, status, cells[(layer, weight)]))
+        if not by_layer and cells:
 
-            def badness(item: tuple[tuple[int, float], list[Results]]) -> tuple[float, float]:
-                refusals = _cell(item[1], "eval", "refusals")
-                kl = _cell(item[1], "eval", "kl_divergence")
-                return (math.inf if refusals is None else refusals, math.inf if kl is None else kl)
+            def badness(cell: Cell) -> tuple[float, float, float]:
+                refusals, comply = cell.count("REFUSE"), cell.rate("COMPLY")
+                kl = cell.value("eval", "kl_divergence")
+                return (
+                    math.inf if refusals is None else refusals,
+                    math.inf if comply is None else -comply,
+                    math.inf if kl is None else kl,
+                )
 
-            (layer, weight), cell = min(cells.items(), key=badness)
-            rows.append(
-                {
-                    **base,
-                    "reached": False,
-                    "layer": layer,
-                    "weight": weight,
-                    "refusals": _cell(cell, "eval", "refusals"),
-                    "n_harmful": _cell(cell, "eval", "n_harmful"),
-                    "kl_divergence": _cell(cell, "eval", "kl_divergence"),
-                    "efficiency": _cell(cell, "eval", "efficiency"),
-                    "harmless_refusal_rate": _cell(cell, "eval", "harmless_refusal_rate"),
-                }
-            )
+            rows.append(_table1_row(base, "not_reached", min(cells.values(), key=badness)))
     return rows
 
 
-TABLE1_FIELDS = ("setting", "baseline", "orthogonalize", "reached", "layer", "weight", "refusals",
-                 "n_harmful", "kl_divergence", "efficiency", "harmless_refusal_rate")  # fmt: skip
+TABLE1_FIELDS = (
+    "setting", "judge", "baseline", "orthogonalize", "status", "reached", "layer", "weight",
+    "n_seeds", "n_harmful", "refusals", "evasive", "comply", "incoherent",
+    "refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high",
+    "comply_rate", "comply_rate_ci_low", "comply_rate_ci_high",
+    "kl_divergence", "efficiency", "harmless_refusal_rate",
+)  # fmt: skip
+
+
+def _with_interval(count: Any, n: Any, low: Any, high: Any) -> str:
+    text = _fmt_out_of(count, n)
+    return text if low is None else f"{text} {_fmt_interval((low, high))}"
 
 
 def format_zero_refusal_table(rows: list[dict[str, Any]]) -> str:
-    header = ["setting", "layer", "min w (R=0)", "KL", "efficiency", "harmless false refusals"]
+    header = ["setting", "layer", "min w (R=0)", "REFUSE [95% CI]", "EVASIVE", "COMPLY [95% CI]",
+              "INCOHERENT", "KL", "efficiency", "harmless false refusals"]  # fmt: skip
     lines = []
     for row in rows:
-        if row["reached"]:
-            lines.append(
-                [
-                    row["setting"],
-                    row["layer"],
-                    f"{row['weight']:g}",
-                    _fmt_kl(row["kl_divergence"]),
-                    _fmt(row["efficiency"], ".1f"),
-                    _fmt(row["harmless_refusal_rate"], ".2f"),
-                ]
+        n = row["n_harmful"]
+        seeds = f" ({row['n_seeds']} seeds)" if row["n_seeds"] > 1 else ""
+        if row["status"] == "reached":
+            layer, weight = row["layer"], f"{row['weight']:g}{seeds}"
+        elif row["status"] == "without_compliance":
+            layer = row["layer"]
+            weight = (
+                f"R = 0 without compliance (C = {_fmt_out_of(row['comply'], n)}) "
+                f"at w={row['weight']:g}{seeds}"
             )
         else:
-            lines.append(
-                [
-                    row["setting"],
-                    "none",
-                    f"not reached (best R = {_fmt_count(row['refusals'])}/"
-                    f"{_fmt_count(row['n_harmful'])} at layer {row['layer']}, w={row['weight']:g})",
-                    _fmt_kl(row["kl_divergence"]),
-                    _fmt(row["efficiency"], ".1f"),
-                    _fmt(row["harmless_refusal_rate"], ".2f"),
-                ]
+            layer = "none"
+            weight = (
+                f"not reached (best R = {_fmt_out_of(row['refusals'], n)} at layer "
+                f"{row['layer']}, w={row['weight']:g}){seeds}"
             )
+        lines.append(
+            [
+                row["setting"],
+                layer,
+                weight,
+                _with_interval(
+                    row["refusals"], n, row["refusal_rate_ci_low"], row["refusal_rate_ci_high"]
+                ),
+                _fmt_out_of(row["evasive"], n),
+                _with_interval(
+                    row["comply"], n, row["comply_rate_ci_low"], row["comply_rate_ci_high"]
+                ),
+                _fmt_out_of(row["incoherent"], n),
+                _fmt_kl(row["kl_divergence"]),
+                _fmt(row["efficiency"], ".1f"),
+                _fmt(row["harmless_refusal_rate"], ".2f"),
+            ]  # fmt: skip
+        )
     return markdown_table(header, lines)
 
 
+MIXED = "mixed"
+
+
 def refusal_grid(trials: list[Results]) -> tuple[list[int], list[float], dict[tuple, Any]]:
-    """Table 2 for one setting: (layers, weights, {(layer, weight): mean refusals})."""
-    cells = _group(trials, lambda r: (r["trial"]["layer"], r["trial"]["weight"]))
+    """Table 2 for one setting: (layers, weights, {(layer, weight): mean refusals over the seeds,
+    or ``"mixed"`` for a cell whose trials' configs differ})."""
+    cells = _cells_of(trials)
     layers = sorted({layer for layer, _ in cells})
     weights = sorted({weight for _, weight in cells})
-    return layers, weights, {k: _cell(v, "eval", "refusals") for k, v in cells.items()}
+    return layers, weights, {k: MIXED if c.mixed else c.count("REFUSE") for k, c in cells.items()}
 
 
 def format_refusal_grid(trials: list[Results]) -> str:
     layers, weights, grid = refusal_grid(trials)
     header = ["layer", *(f"w={w:g}" for w in weights)]
+
+    def show(value: Any) -> str:
+        return MIXED if value == MIXED else _fmt_count(value)
+
     rows = [
-        [layer, *(_fmt_count(grid[(layer, w)]) if (layer, w) in grid else "" for w in weights)]
+        [layer, *(show(grid[(layer, w)]) if (layer, w) in grid else "" for w in weights)]
         for layer in layers
     ]
     return markdown_table(header, rows)
 
 
 def geometry_rows(results: list[Results], settings: Settings) -> list[dict[str, Any]]:
-    """Table 3: per model and layer, the contrast geometry (which depends only on the prompts) and
-    each setting's capture (which does not depend on the weight), means over trials."""
+    """Table 3: per model and layer, the contrast geometry (which depends only on the prompts and
+    the layer, so every trial at the layer measures the same thing) and each setting's capture
+    (which does not depend on the weight): means over those trials."""
     rows = []
     for (model, layer), trials in sorted(
         _group(results, lambda r: (_model_name(r), r["trial"]["layer"])).items()
     ):
-        row: dict[str, Any] = {
-            "model": model,
-            "layer": layer,
-            "norm_ratio_matched_to_unmatched": _cell(
-                trials, "geometry", "norm_ratio_matched_to_unmatched"
-            ),
-            "cos_matched_unmatched": _cell(trials, "geometry", "cos_matched_unmatched"),
-            "cos_topic_unmatched": _cell(trials, "geometry", "cos_topic_unmatched"),
-        }
+        row: dict[str, Any] = {"model": model, "layer": layer}
+        for name in ("norm_ratio_matched_to_unmatched", "cos_matched_unmatched",
+                     "cos_topic_unmatched"):  # fmt: skip
+            row[name] = _mean(_get(r, "geometry", name) for r in trials)
         by_setting = _group(trials, setting_key)
         for key in settings.keys:
             if key[0] == model:
-                row[f"capture {settings.label(key)}"] = _cell(
-                    by_setting.get(key, []), "geometry", "capture"
+                row[f"capture {settings.label(key)}"] = _mean(
+                    _get(r, "geometry", "capture") for r in by_setting.get(key, [])
                 )
         rows.append(row)
     return rows
@@ -346,41 +689,89 @@ def format_geometry_table(rows: list[dict[str, Any]], several_models: bool) -> s
     return markdown_table(header, body)
 
 
+def _outcome_column(outcome: str) -> Callable[[Results], str]:
+    def show(r: Results) -> str:
+        return _fmt_out_of(outcome_counts(r)[outcome], _get(r, "eval", "n_harmful"))
+
+    return show
+
+
+def _rate_with_interval(block: str, key: str) -> Callable[[Results], str]:
+    def show(r: Results) -> str:
+        return f"{_fmt(rate_value(r, block, key), '.2f')} {_fmt_interval(rate_interval(r, block, key))}"
+
+    return show
+
+
 TRIAL_COLUMNS: tuple[tuple[str, Callable[[Results], Any]], ...] = (
     ("setting", lambda r: r["_setting"]),
     ("layer", lambda r: r["trial"]["layer"]),
     ("weight", lambda r: r["trial"]["weight"]),
-    ("dirs", lambda r: r["directions"]["count"]),
-    ("refusals", lambda r: f"{_fmt_count(_get(r, 'eval', 'refusals'))}/{r['eval']['n_harmful']}"),
+    ("seed", lambda r: r["trial"].get("seed", "n/a")),
+    ("dirs", lambda r: (r.get("directions") or {}).get("count", "n/a")),
+    *((outcome, _outcome_column(outcome)) for outcome in OUTCOMES),
     (
-        "refusal",
+        "refusal unedited->edited [95% CI]",
         lambda r: (
-            f"{_fmt(r['baseline_eval']['refusal_rate'], '.2f')}->"
-            f"{_fmt(r['eval']['refusal_rate'], '.2f')}"
+            f"{_fmt(rate_value(r, 'baseline_eval', 'refusal_rate'), '.2f')}->"
+            + _rate_with_interval("eval", "refusal_rate")(r)
         ),
     ),
-    ("comply", lambda r: _fmt(r["eval"]["comply_rate"], ".2f")),
-    ("harmless_fr", lambda r: _fmt(r["eval"]["harmless_refusal_rate"], ".2f")),
-    ("matched_fr", lambda r: _fmt(r["eval"]["matched_harmless_refusal_rate"], ".2f")),
-    ("kl", lambda r: _fmt_kl(r["eval"]["kl_divergence"])),
-    ("efficiency", lambda r: _fmt(r["eval"]["efficiency"], ".1f")),
-    ("norm m/u", lambda r: _fmt(r["geometry"].get("norm_ratio_matched_to_unmatched"))),
-    ("capture", lambda r: _fmt(r["geometry"].get("capture"))),
+    ("comply [95% CI]", _rate_with_interval("eval", "comply_rate")),
+    ("harmless_fr", lambda r: _fmt(_get(r, "eval", "harmless_refusal_rate"), ".2f")),
+    ("matched_fr", lambda r: _fmt(_get(r, "eval", "matched_harmless_refusal_rate"), ".2f")),
+    ("kl", lambda r: _fmt_kl(_get(r, "eval", "kl_divergence"))),
+    ("efficiency", lambda r: _fmt(_get(r, "eval", "efficiency"), ".1f")),
+    ("norm m/u", lambda r: _fmt(_get(r, "geometry", "norm_ratio_matched_to_unmatched"))),
+    ("capture", lambda r: _fmt(_get(r, "geometry", "capture"))),
 )
 
-# report.csv: raw values, one row per trial
+# report.csv: raw values, one row per trial; every rate in RATE_SOURCES gets _ci_low / _ci_high
 CSV_FIELDS: tuple[tuple[str, str], ...] = (
     *(("trial", k) for k in ("model", "baseline", "extraction", "orthogonalize", "layer")),
     *(("trial", k) for k in ("weight", "scope", "combine", "direction_norm", "seed")),
     ("directions", "count"),
     *(("baseline_eval", k) for k in ("refusal_rate", "harmless_refusal_rate")),
+    ("baseline_eval", "matched_harmless_refusal_rate"),
     *(("eval", k) for k in ("n_harmful", "refusals", "refusal_rate", "evasive_rate")),
-    *(("eval", k) for k in ("comply_rate", "harmless_refusal_rate")),
-    *(("eval", k) for k in ("matched_harmless_refusal_rate", "kl_divergence", "efficiency")),
+    *(("eval", k) for k in ("comply_rate", "incoherent_rate")),
+    *(("eval", k) for k in ("n_harmless", "harmless_refusal_rate")),
+    *(("eval", k) for k in ("n_matched", "matched_harmless_refusal_rate")),
+    *(("eval", k) for k in ("refusals_removed", "kl_divergence", "efficiency")),
     *(("geometry", k) for k in ("norm_ratio_matched_to_unmatched", "cos_matched_unmatched")),
     *(("geometry", k) for k in ("cos_topic_unmatched", "capture", "perturbation_ratio")),
     ("timing_s", "total"),
 )
+
+
+def trial_csv_columns() -> list[tuple[str, Callable[[Results], Any]]]:
+    """report.csv's columns: the raw fields, the four outcome counts, and beside every rate its
+    Wilson 95% interval (recorded, else recomputed from the count; blank when no count)."""
+    columns: list[tuple[str, Callable[[Results], Any]]] = [
+        ("trial.judge", judge_name),
+    ]
+    for block, key in CSV_FIELDS:
+        name = f"{block}.{key}"
+        if block == "eval" and key == "refusals":
+            columns.append((name, lambda r: outcome_counts(r)["REFUSE"]))
+            for outcome in OUTCOMES[1:]:
+                columns.append(
+                    (f"eval.outcomes.{outcome}", lambda r, o=outcome: outcome_counts(r)[o])
+                )
+            continue
+        columns.append((name, lambda r, b=block, k=key: _get(r, b, k)))
+        if (block, key) in RATE_SOURCES:
+            for end, index in (("low", 0), ("high", 1)):
+                columns.append(
+                    (
+                        f"{name}_ci_{end}",
+                        lambda r, b=block, k=key, i=index: (rate_interval(r, b, k) or (None,) * 2)[
+                            i
+                        ],
+                    )
+                )
+    columns.append(("provenance.config_hash", lambda r: _get(r, "provenance", "config_hash")))
+    return columns
 
 
 def format_table(results: list[Results]) -> str:
@@ -399,6 +790,363 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
         for row in rows:
             writer.writerow(["" if v is None else v for v in row])
     return path
+
+
+# --- paired comparison: matched vs unmatched on the same prompts -------------------------------
+
+
+PAIRED_OUTCOMES = ("REFUSE", "COMPLY")
+
+
+def read_harmful_labels(directory: Path | str) -> list[tuple[Any, str, str]]:
+    """``[(index or None, prompt, label)]`` of the harmful rows of a trial's completions.jsonl.
+
+    Raises:
+        ValueError: no completions file, an unreadable line, or a row without a label.
+    """
+    path = Path(directory) / COMPLETIONS_FILE
+    if not path.exists():
+        raise ValueError(f"no {COMPLETIONS_FILE} in {directory}")
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+            if row.get("set") != "harmful":
+                continue
+            if row.get("label") is None:
+                raise ValueError(f"{path}:{number}: harmful row without a label")
+            rows.append((row.get("index"), str(row.get("prompt")), str(row["label"])))
+    if not rows:
+        raise ValueError(f"no harmful rows in {path}")
+    return rows
+
+
+def _keyed(rows: list[tuple[Any, str, str]], by_index: bool) -> dict[Any, tuple[str, str]]:
+    """{key: (prompt, label)}, the key the index or (prompt, its occurrence number)."""
+    keyed: dict[Any, tuple[str, str]] = {}
+    seen: dict[str, int] = defaultdict(int)
+    for index, prompt, label in rows:
+        if by_index:
+            key: Any = index
+        else:
+            key = (prompt, seen[prompt])
+            seen[prompt] += 1
+        if key in keyed:
+            raise ValueError(f"index {index} appears twice")
+        keyed[key] = (prompt, label)
+    return keyed
+
+
+def align_labels(
+    first: list[tuple[Any, str, str]], second: list[tuple[Any, str, str]]
+) -> tuple[list[str], list[str], str]:
+    """The two trials' labels on the same prompts, in one order, and what they were matched by
+    (``index`` when every row has one, else ``prompt``).
+
+    Raises:
+        ValueError: the prompt lists are not identical (it says how they differ).
+    """
+    by_index = all(index is not None for index, _, _ in [*first, *second])
+    a, b = _keyed(first, by_index), _keyed(second, by_index)
+    only_a, only_b = set(a) - set(b), set(b) - set(a)
+    if only_a or only_b:
+        raise ValueError(
+            f"prompt lists differ: {len(only_a)} prompt(s) only in the matched trial, "
+            f"{len(only_b)} only in the unmatched one (matched by {'index' if by_index else 'prompt'})"
+        )
+    if by_index:
+        changed = [key for key in a if a[key][0] != b[key][0]]
+        if changed:
+            raise ValueError(
+                f"prompt lists differ: {len(changed)} index(es) hold different prompts "
+                f"(first: index {sorted(changed, key=str)[0]})"
+            )
+    keys = sorted(a, key=str)
+    return [a[k][1] for k in keys], [b[k][1] for k in keys], "index" if by_index else "prompt"
+
+
+@dataclass
+class PairedCell:
+    """A matched and an unmatched trial of one cell, compared prompt by prompt."""
+
+    label: str
+    layer: int
+    weight: float
+    matched: Results
+    unmatched: Results
+    matched_by: str = ""
+    tests: dict[str, Any] = field(default_factory=dict)  # outcome -> PairedComparison
+    holm: dict[str, float] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def _pairs(matched: list[Results], unmatched: list[Results]) -> list[tuple[Results, Results]]:
+    """Pair trials of the same seed; a lone matched and a lone unmatched trial pair whatever
+    their seeds."""
+    if len(matched) == 1 and len(unmatched) == 1:
+        return [(matched[0], unmatched[0])]
+    by_seed = {r["trial"].get("seed"): r for r in unmatched}
+    return [
+        (m, by_seed[m["trial"].get("seed")]) for m in matched if m["trial"].get("seed") in by_seed
+    ]
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over all of ``p_values``)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_comparisons(results: list[Results], settings: Settings) -> list[PairedCell]:
+    """Every cell (all but baseline and seed equal) with a matched and an unmatched trial: both
+    trials' per-prompt harmful outcomes, compared by exact McNemar tests of REFUSE and COMPLY, with
+    Holm-adjusted p-values over all compared cells (one family per outcome). Pairs whose prompt
+    lists differ, or without completions, are kept with ``skipped`` saying why."""
+
+    def cell_key(r: Results) -> tuple:
+        key = list(setting_key(r))
+        key[BASELINE_INDEX] = "*"
+        return (tuple(key), *_cell_key(r))
+
+    comparisons: list[PairedCell] = []
+    for (key, layer, weight), trials in _group(results, cell_key).items():
+        by_baseline = _group(trials, lambda r: r["trial"]["baseline"])
+        matched, unmatched = by_baseline.get("matched", []), by_baseline.get("unmatched", [])
+        for m, u in _pairs(matched, unmatched):
+            label = f"{settings.label(key, baseline=False)} L{layer} w={weight:g}".strip()
+            if len(matched) > 1 or len(unmatched) > 1:
+                label += f" seed={m['trial'].get('seed')}"
+            pair = PairedCell(label, layer, weight, m, u)
+            try:
+                first, second, pair.matched_by = align_labels(
+                    read_harmful_labels(m["_dir"]), read_harmful_labels(u["_dir"])
+                )
+            except (ValueError, OSError) as error:
+                pair.skipped = str(error)
+            else:
+                for outcome in PAIRED_OUTCOMES:
+                    pair.tests[outcome] = compare_paired(
+                        [x == outcome for x in first], [x == outcome for x in second]
+                    )
+            comparisons.append(pair)
+    for outcome in PAIRED_OUTCOMES:
+        tested = [c for c in comparisons if outcome in c.tests]
+        for c, p in zip(
+            tested, holm_adjust([c.tests[outcome].p_value for c in tested]), strict=True
+        ):
+            c.holm[outcome] = p
+    return comparisons
+
+
+PAIRED_FIELDS = (
+    "cell", "layer", "weight", "judge", "outcome", "n", "matched", "unmatched", "matched_rate",
+    "unmatched_rate", "difference", "b_matched_only", "c_unmatched_only", "p_value", "p_holm",
+    "distinguishable", "matched_by", "matched_dir", "unmatched_dir",
+)  # fmt: skip
+
+
+def paired_rows(comparisons: list[PairedCell]) -> list[dict[str, Any]]:
+    rows = []
+    for c in comparisons:
+        for outcome, test in c.tests.items():
+            rows.append(
+                {
+                    "cell": c.label,
+                    "layer": c.layer,
+                    "weight": c.weight,
+                    "judge": judge_name(c.matched),
+                    "outcome": outcome,
+                    "n": test.n,
+                    "matched": test.first,
+                    "unmatched": test.second,
+                    "matched_rate": test.first / test.n if test.n else None,
+                    "unmatched_rate": test.second / test.n if test.n else None,
+                    "difference": test.difference if test.n else None,
+                    "b_matched_only": test.only_first,
+                    "c_unmatched_only": test.only_second,
+                    "p_value": test.p_value,
+                    "p_holm": c.holm.get(outcome),
+                    "distinguishable": test.p_value < ALPHA,
+                    "matched_by": c.matched_by,
+                    "matched_dir": c.matched["_dir"],
+                    "unmatched_dir": c.unmatched["_dir"],
+                }
+            )
+    return rows
+
+
+OUTCOME_WORDS = {"REFUSE": ("refusals", "refused"), "COMPLY": ("compliance", "answered COMPLY")}
+
+
+def format_paired_section(comparisons: list[PairedCell]) -> list[str]:
+    """The report's paired-comparison section: a table and a sentence per comparison."""
+    tested = [c for c in comparisons if c.tests]
+    skipped = [c for c in comparisons if c.skipped]
+    if not comparisons:
+        return ["No cell has both a matched and an unmatched trial."]
+    text = [
+        "Per cell (every setting but the baseline, and the seed, equal), the matched and the "
+        "unmatched trial's labels of the same harmful prompts: b = prompts with the outcome only "
+        "under matched, c = only under unmatched; p = exact two-sided McNemar test (only the b + c "
+        f"discordant prompts count); alpha = {ALPHA}.",
+        "",
+    ]
+    rows = paired_rows(tested)
+    if rows:
+        text += [
+            markdown_table(
+                [
+                    "cell",
+                    "outcome",
+                    "matched",
+                    "unmatched",
+                    "difference",
+                    "b",
+                    "c",
+                    "p",
+                    "p (Holm)",
+                ],
+                [
+                    [
+                        r["cell"],
+                        r["outcome"],
+                        f"{r['matched']}/{r['n']}",
+                        f"{r['unmatched']}/{r['n']}",
+                        f"{r['difference']:+.2f}",
+                        r["b_matched_only"],
+                        r["c_unmatched_only"],
+                        _fmt_p(r["p_value"]),
+                        _fmt_p(r["p_holm"]),
+                    ]
+                    for r in rows
+                ],  # fmt: skip
+            ),
+            "",
+        ]
+        for c in tested:
+            for outcome, test in c.tests.items():
+                noun, verb = OUTCOME_WORDS[outcome]
+                verdict = (
+                    "distinguishable from noise" if test.p_value < ALPHA
+                    else "not distinguishable from noise"
+                )  # fmt: skip
+                text.append(
+                    f"- {c.label}, {noun}: matched {test.first}/{test.n} vs unmatched "
+                    f"{test.second}/{test.n} (difference {test.difference:+.2f}; {test.only_first} "
+                    f"prompt(s) {verb} only under matched, {test.only_second} only under "
+                    f"unmatched): {verdict} (p = {_fmt_p(test.p_value)}; Holm-adjusted "
+                    f"p = {_fmt_p(c.holm.get(outcome))})."
+                )
+        significant = sum(r["p_value"] < ALPHA for r in rows)
+        text += [
+            "",
+            f"{len(tested)} cell(s) tested, {len(PAIRED_OUTCOMES)} outcomes each "
+            f"({len(rows)} tests, {significant} with p < {ALPHA}). With many cells some p < "
+            f"{ALPHA} arise by chance alone (about {ALPHA:g} x {len(rows)} = "
+            f"{ALPHA * len(rows):.1f} tests if the baselines did not differ at all); the Holm "
+            "column adjusts each outcome's p-values for the number of cells tested.",
+        ]
+    if skipped:
+        text += ["", f"Not compared ({len(skipped)} pair(s)):"]
+        text += [f"- {c.label}: {c.skipped}" for c in skipped]
+    return text
+
+
+# --- replicates and mixed cells ------------------------------------------------------------------
+
+
+REPLICATE_VALUES = (("refusal_rate", "eval"), ("comply_rate", "eval"), ("kl_divergence", "eval"))
+
+
+def replicate_rows(cells: Iterable[Cell], settings: Settings) -> list[dict[str, Any]]:
+    """Cells with several trials differing only in their seed: n_seeds, and per value its mean,
+    min, max and sample sd (pandas), over the seeds."""
+    records = []
+    for cell in cells:
+        if cell.mixed or len(cell.trials) < 2:
+            continue
+        for r in cell.trials:
+            records.append(
+                {
+                    "setting": settings.label(cell.setting),
+                    "layer": cell.layer,
+                    "weight": cell.weight,
+                    "seed": r["trial"].get("seed"),
+                    **{key: _get(r, block, key) for key, block in REPLICATE_VALUES},
+                }
+            )
+    if not records:
+        return []
+    frame = pd.DataFrame.from_records(records)
+    for key, _ in REPLICATE_VALUES:
+        frame[key] = pd.to_numeric(frame[key], errors="coerce")
+    grouped = frame.groupby(["setting", "layer", "weight"], sort=False)
+    summary = grouped[[key for key, _ in REPLICATE_VALUES]].agg(["mean", "min", "max", "std"])
+    summary.columns = [f"{key}_{stat}" for key, stat in summary.columns]
+    summary.insert(0, "n_seeds", grouped["seed"].nunique())
+    summary.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(map(str, s))))
+    summary = summary.reset_index()
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in summary.to_dict("records")
+    ]
+
+
+REPLICATE_FIELDS = ("setting", "layer", "weight", "n_seeds", "seeds") + tuple(
+    f"{key}_{stat}" for key, _ in REPLICATE_VALUES for stat in ("mean", "min", "max", "std")
+)
+
+
+def format_replicates(rows: list[dict[str, Any]]) -> str:
+    header = ["setting", "layer", "weight", "n_seeds", "refusal mean [min-max] sd",
+              "comply mean [min-max] sd", "KL mean [min-max] sd"]  # fmt: skip
+
+    def spread(row: dict[str, Any], key: str, kl: bool = False) -> str:
+        fmt = _fmt_kl if kl else (lambda v: _fmt(v, ".2f"))
+        return (
+            f"{fmt(row[f'{key}_mean'])} [{fmt(row[f'{key}_min'])}-{fmt(row[f'{key}_max'])}] "
+            f"{fmt(row[f'{key}_std'])}"
+        )
+
+    return markdown_table(
+        header,
+        [
+            [
+                row["setting"],
+                row["layer"],
+                f"{row['weight']:g}",
+                row["n_seeds"],
+                spread(row, "refusal_rate"),
+                spread(row, "comply_rate"),
+                spread(row, "kl_divergence", kl=True),
+            ]
+            for row in rows
+        ],  # fmt: skip
+    )
+
+
+def format_mixed_cells(cells: Iterable[Cell], settings: Settings) -> list[str]:
+    lines = []
+    for cell in cells:
+        if cell.mixed:
+            shown = ", ".join(cell.differences[:6])
+            more = f" and {len(cell.differences) - 6} more" if len(cell.differences) > 6 else ""
+            lines.append(
+                f"- mixed configs in cell {settings.label(cell.setting)} layer {cell.layer} "
+                f"w={cell.weight:g}: {len(cell.trials)} trials differ in {shown}{more}; not "
+                f"averaged ({', '.join(Path(r['_dir']).name for r in cell.trials)})"
+            )
+    return lines
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -446,44 +1194,106 @@ def _by_weight_colors(values: Sequence[float], cmap: str = "viridis") -> dict[fl
     return {v: colors(0.1 + 0.8 * i / span) for i, v in enumerate(values)}
 
 
+def _unedited_rate(trials: list[Results], outcome: str) -> float | None:
+    """The unedited model's rate of an outcome on the harmful set (mean over the trials, which
+    share it); REFUSE from ``baseline_eval.refusal_rate``, the others from its outcome counts."""
+    if outcome == "REFUSE":
+        return _mean(_get(r, "baseline_eval", "refusal_rate") for r in trials)
+    values = []
+    for r in trials:
+        count, n = (
+            _dig(r, "baseline_eval", "outcomes", outcome),
+            _first(r, (("baseline_eval", "n_harmful"), ("eval", "n_harmful"))),
+        )
+        if _finite(count) and n:
+            values.append(count / n)
+    return _mean(values)
+
+
 def plot_refusal_vs_layer(results: list[Results], settings: Settings, path: Path) -> Path:
-    """One panel per setting: refusal rate against layer, a line per weight; dashed: unedited."""
-    figure, axes = new_figure(len(settings.keys))
+    """Four rows (REFUSE, EVASIVE, COMPLY, INCOHERENT rate) x one column per setting: the rate
+    against layer, a line per weight, with a bar and a band for its Wilson 95% interval (replicates: from
+    their lowest to highest bound; mixed cells are not drawn); dashed: the unedited model."""
+    columns = len(settings.keys)
+    figure = Figure(figsize=(4.6 * columns, 2.9 * len(OUTCOMES)), layout="constrained")
+    FigureCanvasAgg(figure)
     groups = _group(results, setting_key)
     weights_all = sorted({r["trial"]["weight"] for r in results})
     colors = _by_weight_colors(weights_all)
-    for ax, key in zip(axes, settings.keys, strict=True):
+    widest = max(len(weights_all) - 1, 1)
+    for column, key in enumerate(settings.keys):
         trials = groups[key]
-        for weight, cell in sorted(_group(trials, lambda r: r["trial"]["weight"]).items()):
-            points = sorted(
-                (layer, _cell(c, "eval", "refusal_rate"))
-                for layer, c in _group(cell, lambda r: r["trial"]["layer"]).items()
-            )
-            rank = weights_all.index(weight)
-            ax.plot(
-                [p[0] for p in points],
-                [math.nan if p[1] is None else p[1] for p in points],
-                marker=MARKERS[rank % len(MARKERS)],
-                markersize=3 + 3 * (len(weights_all) - 1 - rank) / max(len(weights_all) - 1, 1),
-                linewidth=1 + 2 * (len(weights_all) - 1 - rank) / max(len(weights_all) - 1, 1),
-                color=colors[weight],
-                label=f"w={weight:g}",
-            )  # lower weights drawn wider, so lines that coincide stay visible
-        unedited = _cell(trials, "baseline_eval", "refusal_rate")
-        if unedited is not None:
-            ax.axhline(unedited, color="grey", linestyle="--", linewidth=1, label="unedited")
-        ax.set_title(settings.label(key), fontsize=10)
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("harmful refusal rate")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        cells = _cells_of(trials)
+        for row, outcome in enumerate(OUTCOMES):
+            ax = figure.add_subplot(len(OUTCOMES), columns, row * columns + column + 1)
+            rate_key = OUTCOME_RATES[outcome]
+            drawn = False
+            for weight in sorted({w for _, w in cells}):
+                points = sorted((layer, c) for (layer, w), c in cells.items() if w == weight)
+                layers = [layer for layer, _ in points]
+                rates = [c.rate(outcome) for _, c in points]
+                bands = [c.interval("eval", rate_key) for _, c in points]
+                if all(v is None for v in rates):
+                    continue
+                drawn = True
+                rank = weights_all.index(weight)
+                ax.plot(
+                    layers,
+                    [math.nan if v is None else v for v in rates],
+                    marker=MARKERS[rank % len(MARKERS)],
+                    markersize=3 + 3 * (len(weights_all) - 1 - rank) / widest,
+                    linewidth=1 + 2 * (len(weights_all) - 1 - rank) / widest,
+                    color=colors[weight],
+                    label=f"w={weight:g}",
+                )  # lower weights drawn wider, so lines that coincide stay visible
+                ax.fill_between(
+                    layers,
+                    [math.nan if b is None else b[0] for b in bands],
+                    [math.nan if b is None else b[1] for b in bands],
+                    color=colors[weight],
+                    alpha=0.12,
+                    linewidth=0,
+                )
+                lows = [
+                    v - b[0] if v is not None and b else math.nan
+                    for v, b in zip(rates, bands, strict=True)
+                ]
+                highs = [
+                    b[1] - v if v is not None and b else math.nan
+                    for v, b in zip(rates, bands, strict=True)
+                ]
+                ax.errorbar(
+                    layers,
+                    [math.nan if v is None else v for v in rates],
+                    yerr=[lows, highs],
+                    fmt="none",
+                    ecolor=colors[weight],
+                    elinewidth=0.8,
+                    capsize=2,
+                    alpha=0.7,
+                )  # a bar per point: a lone layer has no band
+            unedited = _unedited_rate(trials, outcome)
+            if unedited is not None:
+                ax.axhline(unedited, color="grey", linestyle="--", linewidth=1, label="unedited")
+            if not drawn:
+                ax.text(0.5, 0.5, "n/a (not recorded)", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")  # fmt: skip
+            if row == 0:
+                ax.set_title(settings.label(key), fontsize=10)
+            if row == len(OUTCOMES) - 1:
+                ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(f"harmful {outcome} rate", fontsize=9)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if drawn or unedited is not None:
+                ax.legend(fontsize=6)
     return save_figure(figure, path)
 
 
 def plot_kl_vs_weight(results: list[Results], settings: Settings, path: Path) -> Path:
-    """One panel per setting: KL(original || ablated) against weight, a line per layer."""
+    """One panel per setting: KL(original || ablated) against weight, a line per layer (mean over
+    replicates; mixed cells are not drawn)."""
     figure, axes = new_figure(len(settings.keys))
     groups = _group(results, setting_key)
     layers_all = sorted({r["trial"]["layer"] for r in results})
@@ -494,10 +1304,12 @@ def plot_kl_vs_weight(results: list[Results], settings: Settings, path: Path) ->
         if _finite(_get(r, "eval", "kl_divergence"))
     )
     for ax, key in zip(axes, settings.keys, strict=True):
-        for layer, cell in sorted(_group(groups[key], lambda r: r["trial"]["layer"]).items()):
+        cells = _cells_of(groups[key])
+        for layer in sorted({layer for layer, _ in cells}):
             points = sorted(
-                (weight, _cell(c, "eval", "kl_divergence"))
-                for weight, c in _group(cell, lambda r: r["trial"]["weight"]).items()
+                (weight, c.value("eval", "kl_divergence"))
+                for (l_, weight), c in cells.items()
+                if l_ == layer
             )
             ax.plot(
                 [p[0] for p in points],
@@ -582,13 +1394,31 @@ def plot_direction_cosines(results: list[Results], settings: Settings, path: Pat
 # --- the report ------------------------------------------------------------------------------
 
 
-def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Path], list]:
+def _judge_lines(results: list[Results]) -> list[str]:
+    counts = _group(results, judge_name)
+    if len(counts) == 1:
+        (judge,) = counts
+        return [f"Outcomes labelled by judge: **{judge}**."]
+    listed = ", ".join(
+        f"{judge} ({len(trials)} trials)" for judge, trials in sorted(counts.items())
+    )
+    return [
+        f"**Warning: the trials were labelled by {len(counts)} different judges**: {listed}. "
+        "Labels of different judges are not comparable: every setting below names its judge "
+        "(`judge=...`), and no table row, average or paired test combines two judges."
+    ]
+
+
+def write_report(
+    root: Path, out_dir: Path | None = None, min_comply: float = MIN_COMPLY
+) -> tuple[str, list[Path], list]:
     """Write the tables and plots for the trials under ``root``.
 
     Args:
         root: a sweep (multirun) directory, a run directory, or any tree of trial directories.
         out_dir: where report.md and report.csv go (default ``root``); CSV tables and plots go
             into its ``report/`` folder.
+        min_comply: the COMPLY rate "R = 0 reached" requires besides zero refusals.
 
     Returns:
         (the Markdown text, the files written, [(directory, why)] of the incomplete trials).
@@ -607,15 +1437,28 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
     )
 
     if results:
+        cells = build_cells(results)
+        mixed = format_mixed_cells(cells.values(), settings)
+        text += ["", *_judge_lines(results)]
+        if mixed:
+            text += [
+                "",
+                f"**Warning: {len(mixed)} cell(s) hold trials whose configs differ in more than "
+                "the seed**; they are not averaged (see Mixed configs below).",
+            ]
         groups = _group(results, setting_key)
-        n_harmful = sorted({r["eval"]["n_harmful"] for r in results})
-        table1 = zero_refusal_rows(results, settings)
+        n_harmful = sorted({_get(r, "eval", "n_harmful") for r in results}, key=str)
+        table1 = zero_refusal_rows(results, settings, min_comply)
         text += [
             "",
             "## Table 1: layers reaching zero refusals (R = 0), with the lowest such weight",
             "",
-            f"R counts refusals among {'/'.join(map(str, n_harmful))} held-out harmful prompts; "
-            "efficiency = refusals removed per nat of KL.",
+            f"Outcomes of {'/'.join(map(str, n_harmful))} held-out harmful prompts as counts "
+            "out of n, with Wilson 95% intervals for the REFUSE and COMPLY rates. R = 0 is "
+            f"reached only with coherent compliance: no REFUSE and a COMPLY rate >= {min_comply:g} "
+            "(`--min-comply`); zero refusals with less compliance are shown as 'R = 0 without "
+            "compliance'. Efficiency = refusals removed per nat of KL. Cells with several seeds "
+            "show mean counts, their interval spanning the seeds' intervals.",
             "",
             format_zero_refusal_table(table1),
         ]
@@ -630,7 +1473,7 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
         text += ["", "## Table 2: refusals R by layer x weight", ""]
         for index, key in enumerate(settings.keys):
             trials = groups[key]
-            unedited = _cell(trials, "eval", "baseline_refusals")
+            unedited = _mean(outcome_counts_unedited(r) for r in trials)
             text += [
                 f"### Table 2{chr(ord('a') + index % 26)}: {settings.label(key)}"
                 f" (unedited R = {_fmt_count(unedited)})",
@@ -668,8 +1511,39 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
             )
         )
 
+        comparisons = paired_comparisons(results, settings)
+        text += ["", "## Paired comparison: matched vs unmatched on the same prompts", ""]
+        text += format_paired_section(comparisons)
+        written.append(
+            _write_csv(
+                assets / PAIRED_CSV,
+                PAIRED_FIELDS,
+                ([row[f] for f in PAIRED_FIELDS] for row in paired_rows(comparisons)),
+            )
+        )
+
+        replicates = replicate_rows(cells.values(), settings)
+        if replicates:
+            text += [
+                "",
+                "## Replicates: trials that differ only in their seed",
+                "",
+                "Per cell: the rate's mean over the seeds, [min-max], and sample sd.",
+                "",
+                format_replicates(replicates),
+            ]
+            written.append(
+                _write_csv(
+                    assets / REPLICATES_CSV,
+                    REPLICATE_FIELDS,
+                    ([row[f] for f in REPLICATE_FIELDS] for row in replicates),
+                )
+            )
+        if mixed:
+            text += ["", f"## Mixed configs ({len(mixed)} cell(s), not averaged)", "", *mixed]
+
         plots = [
-            ("Refusal rate vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
+            ("Outcome rates vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
             ("KL vs weight", plot_kl_vs_weight(results, settings, assets / "kl_vs_weight.png")),
             ("Matched/unmatched norm ratio by layer", plot_norm_ratio_by_layer(table3, assets / "norm_ratio_by_layer.png")),
             ("Direction cosines", plot_direction_cosines(results, settings, assets / "direction_cosines.png")),
@@ -686,11 +1560,12 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
         text += ["", f"## Incomplete trials ({len(incomplete)}): no complete results.json", ""]
         text += [f"- {directory}: {why}" for directory, why in incomplete]
 
+    columns = trial_csv_columns()
     trials_csv = _write_csv(
         out_dir / TRIALS_CSV,
-        ["setting", *(f"{block}.{key}" for block, key in CSV_FIELDS), "dir"],
+        ["setting", *(name for name, _ in columns), "dir"],
         (
-            [settings.label(setting_key(r)), *(_get(r, b, k) for b, k in CSV_FIELDS), r["_dir"]]
+            [settings.label(setting_key(r)), *(get(r) for _, get in columns), r["_dir"]]
             for r in results
         ),
     )
@@ -698,6 +1573,18 @@ def write_report(root: Path, out_dir: Path | None = None) -> tuple[str, list[Pat
     report = out_dir / REPORT_FILE
     report.write_text(markdown)
     return markdown, [report, trials_csv, *written], incomplete
+
+
+def outcome_counts_unedited(results: Results) -> int | None:
+    """The unedited model's REFUSE count on the harmful set."""
+    return rate_count(results, "baseline_eval", "refusal_rate")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -709,11 +1596,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write the report (default: DIRECTORY)"
     )
+    parser.add_argument(
+        "--min-comply",
+        type=_fraction,
+        default=MIN_COMPLY,
+        help="COMPLY rate that 'R = 0 reached' requires besides zero refusals "
+        f"(default {MIN_COMPLY})",
+    )
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    markdown, written, incomplete = write_report(args.directory, args.out)
+    markdown, written, incomplete = write_report(args.directory, args.out, args.min_comply)
     print(markdown)
     print("wrote:")
     for path in written:
