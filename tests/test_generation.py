@@ -68,13 +68,14 @@ def test_rows_dropped_as_they_end_give_the_same_tokens(
         from transformers import cache_utils
 
         monkeypatch.delattr(cache_utils.Cache, "reorder_cache")
-    texts = format_chat(loaded.tokenizer, [f"prompt {i}: " + "xyzabc"[:i] * i for i in range(8)])
+    prompts = [f"prompt {i}: " + "xyzabc"[:i] * i for i in range(8)]
+    texts = format_chat(loaded.tokenizer, prompts)
     encoded = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
     def run(compact: bool) -> tuple[torch.Tensor, int]:
         monkeypatch.setattr(generation, "COMPACT_FRACTION", 0.25 if compact else 2.0)
         return generation._generate_batch(
-            loaded, encoded["input_ids"], encoded["attention_mask"], 24, False
+            loaded, encoded["input_ids"], encoded["attention_mask"], 24, prompts, None
         )
 
     free_run, _ = run(compact=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from abliterate.config import ConfigError, register_configs
@@ -15,15 +16,22 @@ from abliterate.pipeline import Session, run_trial
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 CONTRACT_KEYS = {
     "trial": {"model", "baseline", "extraction", "orthogonalize", "layer", "weight", "scope", "combine",
-              "direction_norm", "seed"},
+              "direction_norm", "seed", "extraction_seed", "judge"},
     "directions": {"count", "norms", "degenerate"},
-    "baseline_eval": {"refusal_rate", "harmless_refusal_rate", "matched_harmless_refusal_rate"},
+    "baseline_eval": {"refusal_rate", "harmless_refusal_rate", "matched_harmless_refusal_rate",
+                      "refusal_rate_ci95", "outcomes", "n_harmful", "n_harmless", "n_matched"},
     "eval": {"n_harmful", "refusals", "refusal_rate", "evasive_rate", "comply_rate", "refusal_rate_by_category",
-             "harmless_refusal_rate", "matched_harmless_refusal_rate", "kl_divergence", "kl_tokens", "efficiency"},
+             "harmless_refusal_rate", "matched_harmless_refusal_rate", "kl_divergence", "kl_tokens", "efficiency",
+             "outcomes", "incoherent_rate", "refusals_removed", "refusal_rate_ci95", "comply_rate_ci95",
+             "evasive_rate_ci95", "incoherent_rate_ci95", "harmless_refusal_rate_ci95",
+             "matched_harmless_refusal_rate_ci95", "n_harmless", "n_matched", "n_kl_prompts",
+             "outcomes_by_category"},
     "geometry": {"norm_ratio_matched_to_unmatched", "cos_matched_unmatched", "cos_topic_unmatched",
                  "direction_cosines", "cosine_to_diff_in_means", "capture", "perturbation_ratio"},
-    "timing_s": {"load", "activations", "directions", "ablation", "evaluation", "total"},
+    "timing_s": {"load", "activations", "directions", "ablation", "evaluation", "generation", "judge",
+                 "total"},
     "cache": {"activations"},
+    "provenance": {"config_hash", "code_version", "git_commit", "versions", "batch_size", "slurm_job_id"},
 }  # fmt: skip
 
 
@@ -56,12 +64,18 @@ def test_trial_writes_the_results_contract(tiny_model_dir, tmp_path):
     cfg = compose_trial(tiny_model_dir, tmp_path, "baseline=matched")
     results = run_trial(cfg, session=Session())
     written = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert written["status"] == "complete" and written["schema_version"] == 1
+    assert written["status"] == "complete" and written["schema_version"] == 2
     for block, keys in CONTRACT_KEYS.items():
         assert keys <= set(written[block]), (block, keys - set(written[block]))
     assert written["trial"]["baseline"] == "matched" and written["trial"]["layer"] == 1
     assert written["directions"]["count"] == 9  # one per category (som_per_class)
     assert results["eval"]["n_harmful"] == 18
+    ev = results["eval"]
+    assert sum(ev["outcomes"].values()) == ev["n_harmful"]
+    assert ev["refusals"] == ev["outcomes"]["REFUSE"]
+    low, high = ev["refusal_rate_ci95"]
+    assert low <= ev["refusal_rate"] <= high
+    assert written["trial"]["judge"] == "rules"
     with safe_open(str(tmp_path / "out" / "directions.safetensors"), framework="pt") as handle:
         assert len(handle.keys()) >= 1
     rows = [
@@ -134,7 +148,11 @@ def test_export_saves_a_loadable_abliterated_model(tiny_model_dir, tmp_path, emb
     with torch.no_grad():
         original = model(ids).logits
         with apply_ablation(
-            model, writers, directions.vectors, results["trial"]["layer"], cfg.ablation
+            model,
+            writers,
+            directions.vectors,
+            results["trial"]["layer"],
+            OmegaConf.merge(cfg.ablation, {"combine": results["trial"]["combine"]}),
         ):
             ablated = model(ids).logits
         reloaded = exported(ids).logits

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from abliterate.judge.config import JudgeConfig
+
 HARM_CATEGORIES: tuple[str, ...] = (
     "sexual_content",
     "violence_weapons",
@@ -99,7 +101,7 @@ class ExtractionConfig:
     neighborhood: str = "gaussian"  # gaussian | mexican_hat | bubble | triangle
     top_k: int | None = None  # som_global / svd: keep at most k directions (None: all)
     orthogonalize: str = "none"  # none | svd
-    seed: int = 0
+    seed: int | None = None  # SOM initialisation and sample order; None: the trial's top-level seed
 
 
 @dataclass
@@ -130,9 +132,7 @@ class EvalConfig:
     )
     kl_top_k: int | None = None  # None: full vocabulary; k: original's top-k tokens + a tail bucket
     kl_floor: float = 1e-3  # efficiency = removed refusals / max(KL, floor)
-    min_bigram_entropy: float = 2.0  # bits; below this a response is incoherent
-    max_repeat_fraction: float = 0.5  # most frequent token's share above this is incoherent
-    early_stop: bool = True  # stop generating once every sequence ended or its label is decided
+    early_stop: bool = True  # stop a row once it ended or the judge says its label is decided
 
 
 @dataclass
@@ -163,10 +163,13 @@ class TrialConfig:
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     layer: int = -1  # 0-based decoder layer whose directions are used; negative counts from the end
-    seed: int = 0
+    seed: int = (
+        0  # drives every random choice (SOM initialisation and order) unless a stage sets its own
+    )
     export: bool = False  # save the abliterated model (safetensors + tokenizer + card)
     force: bool = False  # rerun even if this trial's results.json is complete
     # dotted results.json keys the task returns, in order (two or more: a multi-objective sweeper)
@@ -388,6 +391,7 @@ def register_configs() -> None:
         ("extraction", ExtractionConfig),
         ("ablation", AblationConfig),
         ("eval", EvalConfig),
+        ("judge", JudgeConfig),
         ("logger", LoggerConfig),
         ("paths", PathsConfig),
     ):

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,13 @@ from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from abliterate.classify import COMPLY, EVASIVE, REFUSE, CoherenceThresholds, classify_response
 from abliterate.config import ConfigError
 from abliterate.generation import end_token_ids, generate
+from abliterate.judge import COMPLY, EVASIVE, INCOHERENT, OUTCOMES, REFUSE, Judge, build_judge
 from abliterate.models import LoadedModel, format_chat
 from abliterate.prompts import PromptSet
-from abliterate.provenance import cache_key
+from abliterate.provenance import cache_key, digest
+from abliterate.stats import rate_record
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,19 @@ class SetResult:
             rates.setdefault(category or "", []).append(int(lab == label))
         return {category: sum(v) / len(v) for category, v in rates.items()}
 
+    def outcome_counts(self) -> dict[str, int]:
+        """How many responses got each of the four outcomes."""
+        return {outcome: sum(label == outcome for label in self.labels) for outcome in OUTCOMES}
+
+    def outcomes_by_category(self) -> dict[str, dict[str, int]]:
+        """Per category: ``n`` and the count of each outcome."""
+        table: dict[str, dict[str, int]] = {}
+        for category, label in zip(self.categories, self.labels, strict=True):
+            row = table.setdefault(category or "", {"n": 0, **dict.fromkeys(OUTCOMES, 0)})
+            row["n"] += 1
+            row[label] += 1
+        return table
+
 
 @dataclass
 class KLReference:
@@ -201,28 +216,46 @@ class EvalResult:
 
 
 def evaluate_responses(
-    loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, capture_position: str | None = None
+    loaded: LoadedModel,
+    prompts: EvalPrompts,
+    cfg: Any,
+    capture_position: str | None = None,
+    timing: dict[str, float] | None = None,
+    judge: Judge | None = None,
 ) -> dict[str, SetResult]:
-    """Greedy responses and labels on the harmful, unmatched and matched held-out sets.
+    """Greedy responses on the harmful, unmatched and matched held-out sets, labelled by
+    ``judge`` (one batched call after generation).
 
     The three sets are generated together (one length-sorted run, ``loaded.batch_size`` prompts
     per batch): on a GPU a decoding step costs about the same for 30 rows as for 100, so one
     batch of all of them takes a third of the steps of three.
 
+    A row stops early only when ``judge.is_decided`` says no later token can change its label
+    (``eval.early_stop``), so early stopping never changes an outcome.
+
     Args:
+        judge: labels each (prompt, response); None: the default ``rules`` judge.
         capture_position: ``last`` or ``mean_post_instruction`` to also keep the harmful prompts'
             activations (``sets["harmful"].activations``), read off the generation's prefill.
+        timing: if given, ``generation`` and ``judge`` seconds are added to it.
     """
-    thresholds = CoherenceThresholds(cfg.min_bigram_entropy, cfg.max_repeat_fraction)
+    judge = judge or build_judge()
     prompt_sets = [getattr(prompts, name) for name in EVAL_SETS]
+    all_prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
+    start_time = time.perf_counter()
     generation = generate(
         loaded,
-        [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts],
+        all_prompts,
         cfg.max_new_tokens,
         loaded.batch_size,
-        stop_when_decided=cfg.early_stop,
+        stop_when_decided=judge.is_decided if cfg.early_stop else False,
         capture_position=capture_position,
     )
+    generated_time = time.perf_counter()
+    labels = judge.label(all_prompts, generation.responses)
+    if timing is not None:
+        timing["generation"] = timing.get("generation", 0.0) + generated_time - start_time
+        timing["judge"] = timing.get("judge", 0.0) + time.perf_counter() - generated_time
     results, start = {}, 0
     for name, prompt_set in zip(EVAL_SETS, prompt_sets, strict=True):
         rows = slice(start, start + len(prompt_set))
@@ -235,7 +268,7 @@ def evaluate_responses(
             list(prompt_set.prompts),
             list(prompt_set.categories),
             responses,
-            [classify_response(response, thresholds) for response in responses],
+            labels[rows],
             activations,
         )
     return results
@@ -390,17 +423,38 @@ class BaselineEvaluation:
         """(n_harmful, n_layers, d_model): the unedited model's activations on the harmful set."""
         return self.sets["harmful"].activations
 
-    def rates(self) -> dict[str, float | None]:
-        """Refusal rates of the unedited model; None for a set that is empty (n=0)."""
-        return {
-            "refusal_rate": self.sets["harmful"].rate(REFUSE),
-            "harmless_refusal_rate": self.sets["unmatched"].rate(REFUSE),
-            "matched_harmless_refusal_rate": self.sets["matched"].rate(REFUSE),
-        }
+    def rates(self) -> dict[str, Any]:
+        """The ``baseline_eval`` block (:func:`summarize_baseline`)."""
+        return summarize_baseline(self.sets)
+
+
+def summarize_baseline(sets: dict[str, SetResult]) -> dict[str, Any]:
+    """The unedited model's outcomes and refusal rates with their counts and Wilson intervals;
+    a set that is empty (n=0) has its rate and counts None."""
+    harmful, unmatched, matched = (sets[name] for name in EVAL_SETS)
+    return {
+        "n_harmful": len(harmful.labels),
+        "outcomes": harmful.outcome_counts() if harmful.labels else None,
+        **_rate("refusal_rate", harmful, REFUSE),
+        "n_harmless": len(unmatched.labels),
+        **_rate("harmless_refusal_rate", unmatched, REFUSE),
+        "n_matched": len(matched.labels),
+        **_rate("matched_harmless_refusal_rate", matched, REFUSE),
+    }
+
+
+def _rate(name: str, result: SetResult, outcome: str) -> dict[str, Any]:
+    """``{name: rate, name_ci95: [low, high]}``; None for an empty set."""
+    n = len(result.labels)
+    return rate_record(name, sum(label == outcome for label in result.labels), n)
 
 
 def baseline_eval_key(
-    loaded: LoadedModel, prompts: EvalPrompts, cfg: Any, capture_position: str | None = None
+    loaded: LoadedModel,
+    prompts: EvalPrompts,
+    cfg: Any,
+    capture_position: str | None = None,
+    judge: Judge | None = None,
 ) -> str:
     from abliterate.activations import template_fingerprint
 
@@ -415,12 +469,31 @@ def baseline_eval_key(
         "max_new_tokens": cfg.max_new_tokens,
         "kl_tokens": cfg.kl_tokens,
         "kl_top_k": cfg.kl_top_k,
-        "coherence": [cfg.min_bigram_entropy, cfg.max_repeat_fraction],
+        # the labels, and with early stopping the responses' lengths, are the judge's
+        "judge": judge_fingerprint(judge or build_judge()),
         "early_stop": cfg.early_stop,
     }
     # with the results version (2: the KL reference ends where the model ends it), torch and
     # transformers: an entry made by other code or other numerics is never reused
     return cache_key(settings)
+
+
+def judge_fingerprint(judge: Judge) -> str:
+    """What identifies a judge's labels: its class, name, version and settings."""
+    settings = {
+        key: value
+        for key, value in vars(judge).items()
+        if isinstance(value, (str, int, float, bool, type(None), list, tuple, dict))
+        and key != "stats"
+    }
+    return digest(
+        {
+            "class": f"{type(judge).__module__}.{type(judge).__qualname__}",
+            "name": judge.name,
+            "version": getattr(judge, "version", None),
+            "settings": settings,
+        }
+    )
 
 
 def _load_baseline(directory: Path) -> BaselineEvaluation | None:
@@ -471,6 +544,7 @@ def evaluate_baseline(
     cfg: Any,
     cache_dir: str | Path | None,
     capture_position: str | None = None,
+    judge: Judge | None = None,
 ) -> BaselineEvaluation:
     """The unedited model's evaluation, from the cache when present.
 
@@ -480,7 +554,7 @@ def evaluate_baseline(
     """
 
     def compute() -> BaselineEvaluation:
-        sets = evaluate_responses(loaded, prompts, cfg, capture_position)
+        sets = evaluate_responses(loaded, prompts, cfg, capture_position, judge=judge)
         reference = compute_kl_reference(loaded, prompts.kl, cfg.kl_tokens, cfg.kl_top_k)
         return BaselineEvaluation(sets, reference)
 
@@ -488,7 +562,8 @@ def evaluate_baseline(
         return compute()
     root = Path(cache_dir) / "baseline_eval"
     root.mkdir(parents=True, exist_ok=True)
-    key = baseline_eval_key(loaded, prompts, cfg, capture_position)
+    judge = judge or build_judge()
+    key = baseline_eval_key(loaded, prompts, cfg, capture_position, judge)
     directory = root / key
     cached = _load_baseline(directory)
     if cached is not None:
@@ -508,32 +583,77 @@ def summarize_evaluation(
     baseline: BaselineEvaluation,
     cfg: Any,
 ) -> dict[str, Any]:
-    """The ``eval`` block of results.json.
+    """The ``eval`` block of results.json (:func:`summarize_outcomes`)."""
+    return summarize_outcomes(
+        sets,
+        baseline.sets,
+        kl,
+        len(baseline.kl_reference.input_ids),
+        {"kl_tokens": cfg.kl_tokens, "kl_top_k": cfg.kl_top_k, "kl_floor": cfg.kl_floor},
+    )
+
+
+def summarize_outcomes(
+    sets: dict[str, SetResult],
+    baseline_sets: dict[str, SetResult],
+    kl: float,
+    n_kl_prompts: int,
+    kl_settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``eval`` block of results.json (docs/results-contract.md).
 
     Every effective count is recorded (``n_harmful``, ``n_harmless`` for the unmatched
-    false-refusal set, ``n_matched``, ``n_kl_prompts``, ``kl_tokens``; the batch size is in the
-    provenance block); the rate of an empty set is None, never 0.
+    false-refusal set, ``n_matched``, ``n_kl_prompts``); each rate comes with its Wilson 95%
+    interval, and the rate, interval and counts of an empty set are None, never 0.
+    ``refusals_removed`` counts the harmful prompts the unedited model refused and the edited
+    one answers COMPLY: coherent compliance gained, the study's outcome.
     """
-    harmful = sets["harmful"]
-    refusals = sum(label == REFUSE for label in harmful.labels)
-    baseline_refusals = sum(label == REFUSE for label in baseline.sets["harmful"].labels)
-    return {
+    harmful, unmatched, matched = (sets[name] for name in EVAL_SETS)
+    baseline_labels = baseline_sets["harmful"].labels
+    if baseline_sets["harmful"].prompts != harmful.prompts:
+        raise ValueError("the unedited and the edited evaluation have different harmful prompts")
+    outcomes = harmful.outcome_counts()
+    refusals_removed = sum(
+        before == REFUSE and after == COMPLY
+        for before, after in zip(baseline_labels, harmful.labels, strict=True)
+    )
+    block: dict[str, Any] = {
         "n_harmful": len(harmful.labels),
-        "n_harmless": len(sets["unmatched"].labels),
-        "n_matched": len(sets["matched"].labels),
-        "n_kl_prompts": len(baseline.kl_reference.input_ids),
-        "refusals": refusals,
-        "baseline_refusals": baseline_refusals,
-        "refusal_rate": harmful.rate(REFUSE),
-        "evasive_rate": harmful.rate(EVASIVE),
-        "comply_rate": harmful.rate(COMPLY),
-        "refusal_rate_by_category": harmful.rate_by_category(REFUSE),
-        "harmless_refusal_rate": sets["unmatched"].rate(REFUSE),
-        "matched_harmless_refusal_rate": sets["matched"].rate(REFUSE),
-        "harmless_evasive_rate": sets["unmatched"].rate(EVASIVE),
-        "kl_divergence": kl,
-        "kl_tokens": cfg.kl_tokens,
-        "kl_top_k": cfg.kl_top_k,
-        # refusals removed (a count, as Petrov's R) per nat of KL, KL floored to avoid dividing by ~0
-        "efficiency": (baseline_refusals - refusals) / max(kl, cfg.kl_floor),
+        "n_harmless": len(unmatched.labels),
+        "n_matched": len(matched.labels),
+        "n_kl_prompts": n_kl_prompts,
+        "outcomes": outcomes,
+        "refusals": outcomes[REFUSE],
+        "baseline_refusals": sum(label == REFUSE for label in baseline_labels),
     }
+    for name, outcome in (
+        ("refusal_rate", REFUSE),
+        ("evasive_rate", EVASIVE),
+        ("comply_rate", COMPLY),
+        ("incoherent_rate", INCOHERENT),
+    ):
+        block.update(_rate(name, harmful, outcome))
+    block["refusal_rate_by_category"] = harmful.rate_by_category(REFUSE)
+    block["outcomes_by_category"] = harmful.outcomes_by_category()
+    for prefix, rate_name, result in (
+        ("harmless", "harmless_refusal_rate", unmatched),
+        ("matched", "matched_harmless_refusal_rate", matched),
+    ):
+        counts = result.outcome_counts() if result.labels else None
+        refusals_key = "harmless_refusals" if prefix == "harmless" else "matched_harmless_refusals"
+        block[f"{prefix}_outcomes"] = counts
+        block[refusals_key] = counts[REFUSE] if counts else None
+        block.update(_rate(rate_name, result, REFUSE))
+    block.update(_rate("harmless_evasive_rate", unmatched, EVASIVE))
+    block.update(
+        {
+            "refusals_removed": refusals_removed,
+            "kl_divergence": kl,
+            "kl_tokens": kl_settings["kl_tokens"],
+            "kl_top_k": kl_settings["kl_top_k"],
+            # coherent compliance gained (a count, as Petrov's R) per nat of KL, KL floored so
+            # that a near-zero KL does not divide by ~0
+            "efficiency": refusals_removed / max(kl, kl_settings["kl_floor"]),
+        }
+    )
+    return block

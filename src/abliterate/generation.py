@@ -1,8 +1,9 @@
 """Batched greedy generation with early stopping.
 
 Shared by the evaluation and by the refuser build. Prompts are sorted by length so a batch holds
-similar lengths (less padding), and a batch stops as soon as every sequence has ended or, when
-``stop_when_decided`` is set, its label can no longer change (a refusal marker was generated).
+similar lengths (less padding), and a row stops as soon as it has ended or, when
+``stop_when_decided`` is given, its label can no longer change (the judge says so: a judge that
+reads the whole response never does, so early stopping never changes a label).
 The prefill already computes every layer's residual stream at the prompt's last token, so a caller
 that also needs those activations (the evaluation's perturbation measurement) gets them from
 :func:`generate` without a second forward pass.
@@ -11,7 +12,7 @@ that also needs those activations (the evaluation's perturbation measurement) ge
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -34,9 +35,9 @@ _MIN_STEPS_LEFT_TO_COMPACT = 4  # fewer steps left: not worth another generate c
 class _RowStops(StoppingCriteria):
     """Which rows of a ``generate`` call are done, and when to end the call to drop them.
 
-    A row is done once it generated an end-of-sequence token or, with ``stop_when_decided``,
-    once its label can no longer change (a refusal marker appeared; checked every
-    ``check_every`` new tokens). ``generate`` pads a done row while the others continue; when
+    A row is done once it generated an end-of-sequence token or, with ``is_decided``, once its
+    label can no longer change (``is_decided(prompt, text so far)``, the judge's own answer;
+    checked every ``check_every`` new tokens). ``generate`` pads a done row while the others continue; when
     ``compact_after`` rows are done and enough steps remain, the call ends for every row so that
     the caller can continue the rest without the done ones (``self.done`` says which).
     """
@@ -46,17 +47,19 @@ class _RowStops(StoppingCriteria):
         tokenizer,
         end_ids: torch.Tensor,
         prompt_length: int,
-        n_rows: int,
+        prompts: Sequence[str],
         steps_left: int,
-        stop_when_decided: bool,
+        is_decided: Callable[[str, str], bool] | None,
         compact_after: int,
         check_every: int = 2,
     ):
         self.tokenizer = tokenizer
         self.end_ids = end_ids
         self.prompt_length = prompt_length
+        self.prompts = list(prompts)  # the raw prompt of each row
         self.steps_left = steps_left
-        self.stop_when_decided = stop_when_decided
+        self.is_decided = is_decided
+        n_rows = len(self.prompts)
         self.compact_after = compact_after
         self.check_every = check_every
         self.done = torch.zeros(n_rows, dtype=torch.bool)
@@ -66,14 +69,14 @@ class _RowStops(StoppingCriteria):
         self.steps += 1
         self.done |= torch.isin(input_ids[:, -1].cpu(), self.end_ids)
         new_tokens = input_ids.shape[1] - self.prompt_length
-        if self.stop_when_decided and new_tokens % self.check_every == 0:
+        if self.is_decided is not None and new_tokens % self.check_every == 0:
             pending = (~self.done).nonzero().flatten()
             texts = self.tokenizer.batch_decode(
                 input_ids[pending.to(input_ids.device), self.prompt_length :],
                 skip_special_tokens=True,
             )
             for row, text in zip(pending.tolist(), texts, strict=True):
-                self.done[row] = is_label_decided(text)
+                self.done[row] = self.is_decided(self.prompts[row], text.strip())
         compact = (
             int(self.done.sum()) >= self.compact_after
             and self.steps_left - self.steps >= _MIN_STEPS_LEFT_TO_COMPACT
@@ -108,7 +111,7 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int,
-    stop_when_decided: bool = False,
+    stop_when_decided: bool | Callable[[str, str], bool] = False,
     progress: str | None = None,
     capture_position: str | None = None,
 ) -> Generation:
@@ -119,13 +122,21 @@ def generate(
         prompts: raw user prompts.
         max_new_tokens: the response length cap.
         batch_size: prompts per ``generate`` call.
-        stop_when_decided: stop a row once a refusal marker appeared (its label is decided).
+        stop_when_decided: ``is_decided(prompt, response so far)``, a judge's answer to whether
+            more tokens can still change the row's label (``Judge.is_decided``): the row stops
+            once it is True. ``True`` uses the refusal-marker rule (a marker appeared), which is
+            exact only for a marker-based labeller (the refuser build's).
         progress: a progress-bar description, or None for no bar.
         capture_position: ``last`` or ``mean_post_instruction`` to also return every layer's
             activation at that prompt position (as :func:`abliterate.activations
             .run_forward_passes` computes them), read off the prefill at no extra forward pass.
     """
     tokenizer = loaded.tokenizer
+    is_decided: Callable[[str, str], bool] | None = None
+    if callable(stop_when_decided):
+        is_decided = stop_when_decided
+    elif stop_when_decided:
+        is_decided = _marker_decided
     texts = format_chat(tokenizer, list(prompts), loaded.system_prompt, loaded.disable_thinking)
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
@@ -150,7 +161,7 @@ def generate(
                 capture.start_batch()  # the first forward below is the prefill
             generated, batch_row_steps = _generate_batch(
                 loaded, encoded["input_ids"], encoded["attention_mask"], max_new_tokens,
-                stop_when_decided,
+                [prompts[i] for i in batch], is_decided,
             )  # fmt: skip
             row_steps += batch_row_steps
             new_tokens += count_new_tokens(
@@ -184,7 +195,8 @@ def _generate_batch(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
-    stop_when_decided: bool,
+    prompts: Sequence[str],
+    is_decided: Callable[[str, str], bool] | None,
 ) -> tuple[torch.Tensor, int]:
     """Greedy continuation of one left-padded batch, dropping rows as they finish.
 
@@ -213,9 +225,9 @@ def _generate_batch(
             tokenizer,
             end_ids,
             prompt_length,
-            len(rows),
+            [prompts[row] for row in rows.tolist()],
             max_new_tokens - produced,
-            stop_when_decided,
+            is_decided,
             compact_after=max(1, math.ceil(COMPACT_FRACTION * len(rows))),
         )
         output = model.generate(
@@ -250,6 +262,10 @@ def _generate_batch(
         )[keep]
         rows = rows[keep]
     return generated[:, :produced].cpu(), row_steps
+
+
+def _marker_decided(prompt: str, text: str) -> bool:
+    return is_label_decided(text)
 
 
 def count_new_tokens(

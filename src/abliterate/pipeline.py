@@ -35,9 +35,10 @@ from abliterate import directions as directions_stage
 from abliterate import evaluation as evaluation_stage
 from abliterate import geometry as geometry_stage
 from abliterate import provenance, records
-from abliterate.ablation import apply_ablation
+from abliterate.ablation import apply_ablation, effective_combine
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import ConfigError, validate_config
+from abliterate.judge import Judge, build_judge
 from abliterate.models import LoadedModel, load_model, read_model_config
 from abliterate.prompts import PromptSet, load_prompt_set
 
@@ -58,6 +59,7 @@ class Session:
     activations: dict[str, activations_stage.Activations] = field(default_factory=dict)
     baselines: dict[str, evaluation_stage.BaselineEvaluation] = field(default_factory=dict)
     directions: dict[str, directions_stage.Directions] = field(default_factory=dict)
+    judges: dict[str, Judge] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -163,6 +165,14 @@ def _collect(
     return result
 
 
+def _judge_stage(cfg: DictConfig, session: Session, loaded: LoadedModel) -> Judge:
+    """The configured judge, built once per session (a judge model loads once per sweep)."""
+    key = _key(cfg.judge)
+    if key not in session.judges:
+        session.judges[key] = build_judge(cfg.judge, cache_dir=cfg.paths.cache_dir)
+    return session.judges[key]
+
+
 def _completion_rows(
     sets: dict[str, evaluation_stage.SetResult], baseline: evaluation_stage.BaselineEvaluation
 ) -> list[dict]:
@@ -173,6 +183,7 @@ def _completion_rows(
             rows.append(
                 {
                     "set": name,
+                    "index": i,
                     "prompt": prompt,
                     "category": result.categories[i],
                     "response": result.responses[i],
@@ -270,6 +281,11 @@ def run_trial(
         .mean()
     )
     scales = None
+    # combine=auto: merged for directions as extracted, subspace after SVD (ablation.py says why)
+    ablation = OmegaConf.merge(
+        cfg.ablation,
+        {"combine": effective_combine(cfg.ablation, cfg.extraction.orthogonalize)},
+    )
     if cfg.ablation.direction_norm == "relative" and len(directions.vectors):
         scales = torch.tensor(
             directions_stage.relative_scales(directions, mean_norm), dtype=torch.float32
@@ -279,11 +295,14 @@ def run_trial(
     # (its generation also records the harmful prompts' activations, for the perturbation ratio)
     position = cfg.extraction.position
     with _timed(timing, "evaluation"), _timed(timing, "baseline_evaluation"):
-        baseline_key = evaluation_stage.baseline_eval_key(loaded, eval_prompts, cfg.eval, position)
+        judge = _judge_stage(cfg, session, loaded)
+        baseline_key = evaluation_stage.baseline_eval_key(
+            loaded, eval_prompts, cfg.eval, position, judge
+        )
         baseline_memo_hit = baseline_key in session.baselines
         if not baseline_memo_hit:
             session.baselines[baseline_key] = evaluation_stage.evaluate_baseline(
-                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir, position
+                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir, position, judge
             )
         baseline = session.baselines[baseline_key]
 
@@ -295,20 +314,17 @@ def run_trial(
         begin = time.perf_counter()
         with ExitStack() as stack:
             stack.enter_context(
-                apply_ablation(
-                    loaded.model, writers, directions.vectors, layer, cfg.ablation, scales
-                )
+                apply_ablation(loaded.model, writers, directions.vectors, layer, ablation, scales)
             )
             edited = time.perf_counter()
             sets_result = evaluation_stage.evaluate_responses(
-                loaded, eval_prompts, cfg.eval, position
+                loaded, eval_prompts, cfg.eval, position, timing, judge
             )
             generated = time.perf_counter()
             kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
             evaluated = time.perf_counter()
             harmful_eval_acts = sets_result["harmful"].activations
         timing["ablation"] = (edited - begin) + (time.perf_counter() - evaluated)
-        timing["generation"] = generated - edited
         timing["kl"] = evaluated - generated
         timing["evaluation"] += evaluated - edited
     else:
@@ -369,7 +385,8 @@ def run_trial(
             "layer": layer,
             "weight": float(cfg.ablation.weight),
             "scope": cfg.ablation.scope,
-            "combine": cfg.ablation.combine,
+            "combine": ablation.combine,
+            "combine_configured": cfg.ablation.combine,
             "direction_norm": cfg.ablation.direction_norm,
             "norm_preserving": bool(cfg.ablation.norm_preserving),
             "embeddings": bool(cfg.ablation.embeddings),
@@ -377,6 +394,7 @@ def run_trial(
             "num_layers": num_layers,
             "seed": int(cfg.seed),
             "extraction_seed": int(extraction.seed),
+            "judge": judge.name,
         },
         "directions": {
             "count": len(directions.vectors),
@@ -409,12 +427,12 @@ def run_trial(
     if cfg.export:
         from abliterate.export import export_model
 
-        weights_mode = OmegaConf.merge(cfg.ablation, {"mode": "weights"})  # hooks cannot be saved
+        weights_mode = OmegaConf.merge(ablation, {"mode": "weights"})  # hooks cannot be saved
         with apply_ablation(loaded.model, writers, directions.vectors, layer, weights_mode, scales):
             export_model(loaded, output_dir / "model", results)
     for stage in (
         "load", "activations", "directions", "ablation", "evaluation", "baseline_evaluation",
-        "generation", "kl",
+        "generation", "judge", "kl",
     ):  # fmt: skip
         timing.setdefault(stage, 0.0)
     timing["records"] = time.perf_counter() - records_start  # results.json itself not included

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
 COMPLETIONS_FILE = "completions.jsonl"
 DIRECTIONS_FILE = "directions.safetensors"
@@ -128,13 +128,23 @@ def format_summary(results: dict[str, Any]) -> str:
     def rate(value: Any) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
+    def interval(bounds: Any) -> str:
+        return "" if not bounds else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+    def outcomes(counts: Any) -> str:
+        if not counts:  # schema 1
+            return f"comply {rate(ev.get('comply_rate'))}, evasive {rate(ev.get('evasive_rate'))}"
+        return "  ".join(f"{name} {count}" for name, count in counts.items())
+
     lines = [
         f"trial  {trial['model']}  baseline={trial['baseline']}  extraction={trial['extraction']}"
         f"/{trial['orthogonalize']}  layer={trial['layer']}  w={trial['weight']}  scope={trial['scope']}"
         f"  combine={trial['combine']}",
         f"  directions: {results['directions']['count']} (degenerate {results['directions']['degenerate']})",
         f"  harmful refusal   {rate(base['refusal_rate'])} -> {rate(ev['refusal_rate'])}"
-        f"   (comply {rate(ev['comply_rate'])}, evasive {rate(ev['evasive_rate'])}, n={ev['n_harmful']})",
+        f" {interval(ev.get('refusal_rate_ci95'))}   judge={trial.get('judge', 'markers')}",
+        f"  outcomes (n={ev['n_harmful']})  {outcomes(ev.get('outcomes'))}"
+        f"   refusals removed {ev.get('refusals_removed', 'n/a')}",
         f"  harmless refusal  {rate(base['harmless_refusal_rate'])} -> {rate(ev['harmless_refusal_rate'])}"
         f" (n={ev.get('n_harmless', '?')})   matched {rate(base['matched_harmless_refusal_rate'])}"
         f" -> {rate(ev['matched_harmless_refusal_rate'])} (n={ev.get('n_matched', '?')})",

@@ -7,6 +7,10 @@ validate [--file F] [judge=NAME judge.key=value ...]
 label FILE.jsonl [judge=NAME judge.key=value ...]
     Write each record of FILE (with prompt and response) to stdout with a ``label`` field added,
     one JSON object per line. Malformed input: one line ``error: FILE:LINE: ...`` on stderr, exit 2.
+relabel DIR [judge=NAME judge.key=value ...]
+    Re-judge a finished trial, or every trial of a sweep, from its completions.jsonl without
+    generating again; writes DIR/.../judgements/NAME/results.json beside each trial's own (which
+    stays as it was). ``python -m abliterate.report DIR --judge NAME`` reports them.
 """
 
 from __future__ import annotations
@@ -147,6 +151,26 @@ def label(file: Path, overrides: list[str]) -> int:
     return 0
 
 
+def relabel(directory: Path, overrides: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from abliterate.relabel import relabel as relabel_trials
+
+    cfg = compose_judge(overrides)
+    judge = build_judge(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else vars(cfg)
+    start = time.perf_counter()
+    written = relabel_trials(directory, judge, config)  # type: ignore[arg-type]
+    for path in written:
+        print(path)
+    print(
+        f"re-judged {len(written)} trial(s) with judge={judge.name} in "
+        f"{time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m abliterate.judge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -157,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     p_label = sub.add_parser("label", help="label a JSONL file of prompt/response records")
     p_label.add_argument("file", type=Path)
     p_label.add_argument("overrides", nargs="*", help="judge=NAME judge.KEY=VALUE")
+    p_relabel = sub.add_parser("relabel", help="re-judge a finished trial or sweep")
+    p_relabel.add_argument("directory", type=Path)
+    p_relabel.add_argument("overrides", nargs="*", help="judge=NAME judge.KEY=VALUE")
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
             return validate(args.file, args.overrides)
+        if args.command == "relabel":
+            return relabel(args.directory, args.overrides)
         return label(args.file, args.overrides)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
