@@ -180,3 +180,56 @@ def test_perturbation_ratio_without_natural_change_is_nan():
     ablated = original + 1
     with pytest.warns(RuntimeWarning):
         assert math.isnan(compute_perturbation_ratio(original, ablated, 1))
+
+
+def test_trial_geometry_reports_nulls_and_behavioural_capture():
+    """The trial's geometry block: contrast statistics with their split-half and shuffled nulls,
+    and capture on held-out pairs chosen by behaviour (refused harmful vs answered matched)."""
+    from abliterate.geometry import (
+        HeldOutActivations,
+        LayerActivations,
+        compute_contrast_geometry,
+        compute_trial_geometry,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    d, categories = 16, ["a", "b", "c"]
+    refusal = torch.zeros(d)
+    refusal[0] = 5.0
+    topics = {c: torch.randn(d, generator=generator) * 3 for c in categories}
+
+    def rows(kind: str, n: int) -> tuple[torch.Tensor, list[str]]:
+        values, labels = [], []
+        for c in categories:
+            shift = topics[c] + (refusal if kind == "harmful" else 0)
+            values.append(shift + 0.1 * torch.randn(n, d, generator=generator))
+            labels += [c] * n
+        return torch.cat(values), labels
+
+    harmful, harmful_categories = rows("harmful", 8)
+    matched, matched_categories = rows("matched", 8)
+    unmatched = 0.1 * torch.randn(20, d, generator=generator)
+    train = LayerActivations(harmful, harmful_categories, matched, matched_categories, unmatched)
+    eval_harmful, eval_harmful_categories = rows("harmful", 2)
+    eval_matched, eval_matched_categories = rows("matched", 2)
+    held_out = HeldOutActivations(
+        eval_harmful,
+        eval_harmful_categories,
+        ["REFUSE", "COMPLY"] * 3,  # one refused prompt per category
+        eval_matched,
+        eval_matched_categories,
+        ["COMPLY", "REFUSE"] * 3,  # one answered matched prompt per category
+    )
+    vectors = refusal[None] / 5.0
+    geometry = compute_trial_geometry(train, vectors, seed=0, held_out=held_out)
+    real = compute_contrast_geometry(harmful, harmful_categories, matched, matched_categories,
+                                     unmatched)  # fmt: skip
+    assert geometry["norm_ratio_matched_to_unmatched"] == real["norm_ratio_matched_to_unmatched"]
+    assert geometry["shuffled_null"]["norm_ratio_matched_to_unmatched"] == pytest.approx(
+        real["norm_ratio_matched_to_unmatched"]
+    )
+    assert "norm_ratio_matched_to_unmatched_null_mean" in geometry["shuffled_null"]
+    assert geometry["split_half"]["cos_matched_split_half"] > 0.9  # a clean refusal signal
+    # 3 categories x 1 refused x 1 answered; the pair difference is almost all refusal direction
+    assert geometry["behavioural_capture_pairs"] == 3
+    assert geometry["behavioural_capture"] > 0.9

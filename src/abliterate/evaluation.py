@@ -45,6 +45,8 @@ from abliterate.stats import rate_record
 log = logging.getLogger(__name__)
 
 EVAL_SETS = ("harmful", "unmatched", "matched")
+# sets whose prompt activations an evaluation keeps (perturbation, behavioural capture)
+ACTIVATION_SETS = ("harmful", "matched")
 
 
 @dataclass
@@ -235,7 +237,7 @@ def evaluate_responses(
 
     Args:
         judge: labels each (prompt, response); None: the default ``rules`` judge.
-        capture_position: ``last`` or ``mean_post_instruction`` to also keep the harmful prompts'
+        capture_position: ``last`` or ``mean_post_instruction`` to also keep the harmful and matched prompts'
             activations (``sets["harmful"].activations``), read off the generation's prefill.
         timing: if given, ``generation`` and ``judge`` seconds are added to it.
     """
@@ -262,8 +264,8 @@ def evaluate_responses(
         start = rows.stop
         responses = generation.responses[rows]
         activations = None
-        if name == "harmful" and generation.activations is not None:
-            activations = generation.activations[rows]  # (n_harmful, n_layers, d_model)
+        if name in ACTIVATION_SETS and generation.activations is not None:
+            activations = generation.activations[rows]  # (n, n_layers, d_model)
         results[name] = SetResult(
             list(prompt_set.prompts),
             list(prompt_set.categories),
@@ -423,6 +425,11 @@ class BaselineEvaluation:
         """(n_harmful, n_layers, d_model): the unedited model's activations on the harmful set."""
         return self.sets["harmful"].activations
 
+    @property
+    def matched_activations(self) -> torch.Tensor | None:
+        """(n_matched, n_layers, d_model): the unedited model's activations on the matched set."""
+        return self.sets["matched"].activations
+
     def rates(self) -> dict[str, Any]:
         """The ``baseline_eval`` block (:func:`summarize_baseline`)."""
         return summarize_baseline(self.sets)
@@ -502,7 +509,8 @@ def _load_baseline(directory: Path) -> BaselineEvaluation | None:
         payload = json.loads((directory / "sets.json").read_text())
         tensors = load_file(str(directory / "kl_reference.safetensors"))
         sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
-        sets["harmful"].activations = tensors.get("harmful_activations")
+        for name in ACTIVATION_SETS:
+            sets[name].activations = tensors.get(f"{name}_activations")
         reference = KLReference(
             tensors["input_ids"],
             tensors["attention_mask"],
@@ -524,8 +532,9 @@ def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in baseline.kl_reference.tensors().items()}
     tensors["positions_mask"] = tensors["positions_mask"].to(torch.uint8)
-    if baseline.harmful_activations is not None:
-        tensors["harmful_activations"] = baseline.harmful_activations.contiguous()
+    for name in ACTIVATION_SETS:
+        if baseline.sets[name].activations is not None:
+            tensors[f"{name}_activations"] = baseline.sets[name].activations.contiguous()
     save_file(tensors, str(staging / "kl_reference.safetensors"))
     (staging / "sets.json").write_text(
         json.dumps({"sets": {k: v.texts() for k, v in baseline.sets.items()}})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -730,3 +731,99 @@ def compute_perturbation_ratio(original: torch.Tensor, ablated: torch.Tensor, la
     if not math.isfinite(ratio):
         _warn(f"perturbation ratio is undefined (change {change}, natural change {natural}); NaN")
     return ratio
+
+
+@dataclass
+class LayerActivations:
+    """One layer's training activations: harmful, matched and unmatched rows, with categories."""
+
+    harmful: torch.Tensor  # (n_harmful, d_model)
+    harmful_categories: list[str]
+    matched: torch.Tensor  # (n_matched, d_model)
+    matched_categories: list[str]
+    unmatched: torch.Tensor  # (n_unmatched, d_model)
+
+
+@dataclass
+class HeldOutActivations:
+    """The unedited model's held-out evaluation at one layer, with its outcomes: the pairs of a
+    refused harmful prompt and an answered same-category matched prompt, for behavioural
+    capture."""
+
+    harmful: torch.Tensor  # (n_eval_harmful, d_model)
+    harmful_categories: list[str]
+    harmful_labels: list[str]
+    matched: torch.Tensor  # (n_eval_matched, d_model)
+    matched_categories: list[str]
+    matched_labels: list[str]
+
+
+def compute_trial_geometry(
+    train: LayerActivations,
+    vectors: torch.Tensor,
+    seed: int,
+    held_out: HeldOutActivations | None = None,
+    perturbation_ratio: float = math.nan,
+) -> dict[str, Any]:
+    """The ``geometry`` block of a trial's results (docs/results-contract.md).
+
+    The contrast geometry (norms, ratios, cosines) with its two null baselines beside it:
+    split-half reliability (how much of m_c and u_c is sampling noise) and the shuffled-category
+    null (what the statistics are when the matched set is another category's); the directions'
+    own geometry; capture on the training prompts and, when the held-out evaluation is given,
+    on held-out pairs chosen by behaviour.
+    """
+    contrast_args = (
+        train.harmful,
+        train.harmful_categories,
+        train.matched,
+        train.matched_categories,
+        train.unmatched,
+    )
+    contrast = compute_contrast_geometry(*contrast_args)
+    has_vectors = len(vectors) > 0
+    geometry: dict[str, Any] = {
+        "norm_ratio_matched_to_unmatched": contrast["norm_ratio_matched_to_unmatched"],
+        "cos_matched_unmatched": contrast["cos_matched_unmatched"],
+        "cos_topic_unmatched": contrast["cos_topic_unmatched"],
+        "direction_cosines": compute_direction_cosines(vectors) if has_vectors else [],
+        "cosine_to_diff_in_means": (
+            compute_cosine_to_diff_in_means(vectors, train.harmful, train.unmatched)
+            if has_vectors
+            else []
+        ),
+        "capture": (
+            compute_capture(
+                vectors,
+                train.harmful,
+                train.harmful_categories,
+                train.matched,
+                train.matched_categories,
+            )
+            if has_vectors
+            else math.nan
+        ),
+        "perturbation_ratio": perturbation_ratio,
+        "per_category": contrast.get("per_category", {}),
+    }
+    split_half = split_half_reliability(*contrast_args, seed=seed)
+    null = shuffled_category_null(*contrast_args, seed=seed)
+    geometry["split_half"] = {k: v for k, v in split_half.items() if k != "per_category"}
+    geometry["shuffled_null"] = {
+        k: v for k, v in null.items() if k not in ("per_category", "null_values")
+    }
+    geometry["behavioural_capture"] = math.nan
+    geometry["behavioural_capture_pairs"] = 0
+    if has_vectors and held_out is not None:
+        refused = [i for i, label in enumerate(held_out.harmful_labels) if label == "REFUSE"]
+        answered = [i for i, label in enumerate(held_out.matched_labels) if label == "COMPLY"]
+        behavioural = compute_behavioural_capture(
+            vectors,
+            held_out.harmful[refused],
+            [held_out.harmful_categories[i] for i in refused],
+            held_out.matched[answered],
+            [held_out.matched_categories[i] for i in answered],
+        )
+        geometry["behavioural_capture"] = behavioural["capture"]
+        geometry["behavioural_capture_pairs"] = behavioural["n_pairs"]
+    return geometry

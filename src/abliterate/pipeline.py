@@ -35,7 +35,7 @@ from abliterate import directions as directions_stage
 from abliterate import evaluation as evaluation_stage
 from abliterate import geometry as geometry_stage
 from abliterate import provenance, records
-from abliterate.ablation import apply_ablation, effective_combine
+from abliterate.ablation import apply_ablation, effective_combine, removed_fraction
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import ConfigError, validate_config
 from abliterate.judge import Judge, build_judge
@@ -171,6 +171,23 @@ def _judge_stage(cfg: DictConfig, session: Session, loaded: LoadedModel) -> Judg
     if key not in session.judges:
         session.judges[key] = build_judge(cfg.judge, cache_dir=cfg.paths.cache_dir)
     return session.judges[key]
+
+
+def _held_out_activations(
+    baseline: evaluation_stage.BaselineEvaluation, layer: int
+) -> geometry_stage.HeldOutActivations | None:
+    """The unedited evaluation's harmful and matched activations at ``layer``, with its labels."""
+    harmful, matched = baseline.sets["harmful"], baseline.sets["matched"]
+    if harmful.activations is None or matched.activations is None:
+        return None
+    return geometry_stage.HeldOutActivations(
+        harmful.activations[:, layer],
+        [c or "" for c in harmful.categories],
+        harmful.labels,
+        matched.activations[:, layer],
+        [c or "" for c in matched.categories],
+        matched.labels,
+    )
 
 
 def _completion_rows(
@@ -332,45 +349,30 @@ def run_trial(
         sets_result, kl = baseline.sets, 0.0
     original_eval_acts = baseline.harmful_activations
 
-    # 7. geometry
+    # 7. geometry, with its null baselines and the share of each direction the edit removes
     geometry_start = time.perf_counter()
-    contrast = geometry_stage.compute_contrast_geometry(
+    train = geometry_stage.LayerActivations(
         harmful_layer,
         harmful_categories,
         acts["matched_train"].values[:, layer],
         [c or "" for c in acts["matched_train"].prompt_set.categories],
         acts["unmatched_train"].values[:, layer],
     )
-    vectors = directions.vectors
-    geometry = {
-        "norm_ratio_matched_to_unmatched": contrast["norm_ratio_matched_to_unmatched"],
-        "cos_matched_unmatched": contrast["cos_matched_unmatched"],
-        "cos_topic_unmatched": contrast["cos_topic_unmatched"],
-        "direction_cosines": geometry_stage.compute_direction_cosines(vectors)
-        if len(vectors)
-        else [],
-        "cosine_to_diff_in_means": geometry_stage.compute_cosine_to_diff_in_means(
-            vectors, harmful_layer, acts["unmatched_train"].values[:, layer]
-        )
-        if len(vectors)
-        else [],
-        "capture": geometry_stage.compute_capture(
-            vectors,
-            harmful_layer,
-            harmful_categories,
-            acts["matched_train"].values[:, layer],
-            [c or "" for c in acts["matched_train"].prompt_set.categories],
-        )
-        if len(vectors)
-        else float("nan"),
-        "perturbation_ratio": geometry_stage.compute_perturbation_ratio(
+    geometry = geometry_stage.compute_trial_geometry(
+        train,
+        directions.vectors,
+        seed=int(cfg.seed),
+        held_out=_held_out_activations(baseline, layer),
+        perturbation_ratio=geometry_stage.compute_perturbation_ratio(
             original_eval_acts, harmful_eval_acts, layer
         )
         if harmful_eval_acts is not None and original_eval_acts is not None
         else 0.0,
-        "per_category": contrast.get("per_category", {}),
-        "mean_activation_norm": mean_norm,
-    }
+    )
+    geometry["removed_fraction"] = (
+        removed_fraction(directions.vectors, ablation, scales) if len(directions.vectors) else []
+    )
+    geometry["mean_activation_norm"] = mean_norm
     timing["geometry"] = time.perf_counter() - geometry_start
 
     # 8. records
