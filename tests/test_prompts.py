@@ -190,7 +190,7 @@ def _jbb_folder(root: Path) -> Path:
         with open(folder / "data" / f"{split}-behaviors.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
-            for i in range(12):
+            for i in range(30):  # 10 per category, as the real dataset
                 category = JBB_CATEGORIES[i % 3]
                 goal = f"{split} behavior {i} about {category}"
                 writer.writerow([i + 1, goal, "Sure, here is", f"b{i}", category, "Original"])
@@ -241,10 +241,10 @@ def test_jbb_loads_its_behaviors_config_from_a_hub_shaped_folder(tmp_path, datas
     assert all(cfg.data[s].config_name == "behaviors" for s in sets)
     validate_config(cfg)
     loaded = _load_all(cfg)  # the same checks as a trial: held-out harmful, matched categories
-    for name in ("harmful_train", "matched_train"):  # 4 per category, the first 2 held out
+    for name in ("harmful_train", "matched_train"):  # 10 per category, the first 4 held out
         assert sorted(loaded[name].by_category()) == sorted(JBB_CATEGORIES)
-        assert all(len(p) == 2 for p in loaded[name].by_category().values())
-    assert len(loaded["harmful_eval"]) == 6 and len(loaded["matched_eval"]) == 6
+        assert all(len(p) == 6 for p in loaded[name].by_category().values())
+    assert len(loaded["harmful_eval"]) == 12 and len(loaded["matched_eval"]) == 12
     assert loaded["harmful_eval"].prompts[:3] == tuple(
         f"harmful behavior {i} about {c}" for i, c in enumerate(JBB_CATEGORIES)
     )
