@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Question: does the matched baseline's advantage (or its absence) carry over from one model to
-# another? Each model at its own measured layer (model.default_layer), both baselines, with and
-# without SVD, two weights, the same evaluation (Petrov's) for all: 2 x 2 x 2 x 2 = 16 trials.
+# another, for both ways of combining the directions? Each model at its own measured layer
+# (model.default_layer), both baselines, with and without SVD, combine merged and subspace, two
+# weights, the same evaluation (Petrov's) for all: 2 x 2 x 2 x 2 x 2 = 32 trials; Table 1 of the
+# report lists each combine as its own setting.
+#
+# How long: not measured. 32 jobs, one wave when 32 GPUs are free (array_parallelism is 32): as
+# long as the slowest job plus the queue wait. For scale: an embedded-model job with the smaller
+# Heretic-equal evaluation is about 37 s on 2 CPU cores (README, derived from measured stages),
+# and eval=petrov generates about 6x as many tokens; Qwen3.5-2B's GPU time per trial is the
+# README's "Scaling" table (still to be measured).
 #
 # One SLURM job per trial (1 GPU, 4 CPUs, 32 GB each). More models: add conf/model/<name>.yaml
 # (repo id, dtype, default_layer) and list it in `model=`. Shared caches and resuming work as in
@@ -22,5 +30,6 @@ python run.py -m \
   eval=petrov \
   baseline=matched,unmatched \
   extraction.orthogonalize=none,svd \
+  ablation.combine=merged,subspace \
   ablation.weight=0.5,1.0 \
   "$@"

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Question: which (layer, weight) pairs remove the most refusals for the least damage? An
-# automated search, as Heretic does with Optuna: multi-objective TPE minimizing the harmful
-# refusal rate and KL(original || ablated) together over layer 8..29 and weight 0.2..1.5 on the
-# embedded model (matched baseline), 60 trials. The log ends with the Pareto front;
-# <sweep dir>/optimization_results.yaml keeps it.
+# Question: which (layer, weight, combine) choices remove the most refusals for the least damage?
+# An automated search, as Heretic does with Optuna: multi-objective TPE minimizing the harmful
+# refusal rate and KL(original || ablated) together over layer 8..29, weight 0.2..1.5 and
+# ablation.combine merged or subspace (a categorical parameter) on the embedded model (matched
+# baseline), 60 trials. The log ends with the Pareto front;
+# <sweep dir>/optimization_results.yaml keeps it, and the report separates the two combines.
+#
+# How long: about 20 min on one 2-core machine (75 s of setup, then about 15.5 s per trial plus
+# a SOM at each new layer, about 2 s: the README's cost model, not timed as a whole).
 #
 # Needs the task to return both objectives: `objectives=[...]` below names them (results.json
 # keys), and run.py returns their values in that order.
@@ -32,4 +36,5 @@ python run.py -m \
   'objectives=[eval.refusal_rate,eval.kl_divergence]' \
   'layer=int(interval(8,29))' \
   'ablation.weight=interval(0.2,1.5)' \
+  'ablation.combine=choice(merged,subspace)' \
   "$@"

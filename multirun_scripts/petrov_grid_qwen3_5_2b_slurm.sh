@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Question: on Qwen3.5-2B, does a topic-matched harmless baseline give better refusal directions
-# than an unmatched one, at every layer and ablation weight, with and without SVD? (the reference
-# study's full grid, Petrov 2026: 2 baselines x 24 layers x 5 weights x 2 = 480 trials)
+# than an unmatched one, at every layer and ablation weight, with and without SVD, and with the
+# directions merged or projected as a subspace? (the reference study's full grid, Petrov 2026,
+# plus the combination confound: 2 baselines x 24 layers x 5 weights x 2 SVD x 2 combine
+# (merged, subspace) = 960 trials; Table 1 of the report lists each combine as its own setting.)
+#
+# How long: not measured yet. Each job is a process start, a model load, its SOM directions and
+# one trial; the per-trial GPU time is the README's "Scaling" table (to be filled in by
+# `python benchmarks/bench.py --device cuda`): the grid takes about ceil(960 / N) x that per-job
+# time on N GPUs (at most 32 at once by default: 30 waves); the combine axis doubles it.
 #
 # One SLURM job per trial (1 GPU, 4 CPUs, 32 GB each; at most 32 at once). Jobs share
 # paths.cache_dir (default ~/.cache/abliterate, ABLITERATE_CACHE overrides): put it, and HF_HOME,
@@ -27,4 +34,5 @@ python run.py -m \
   'layer=range(0,24)' \
   ablation.weight=0.3,0.5,0.8,1.0,1.2 \
   extraction.orthogonalize=none,svd \
+  ablation.combine=merged,subspace \
   "$@"

@@ -4,7 +4,9 @@ Each script's `python run.py -m ...` line is parsed (continuation lines joined, 
 and composed with Hydra's compose API, launcher and sweeper included. Compose takes no sweeps, so
 every value of each swept key is composed in turn (the others at their first value); a range
 contributes its two ends and an interval its two bounds. Each composition is validated like a
-trial would be, including the layer against the model's layer count.
+trial would be, including the layer against the model's layer count. Each script's header says
+which question it answers and roughly how long it takes, and every study sweeps
+``ablation.combine`` (at least merged and subspace) beside its own axes (issue 15, item 5).
 """
 
 from __future__ import annotations
@@ -76,11 +78,49 @@ def test_there_is_a_script_for_each_study():
     } <= names
 
 
+def _swept(script: Path) -> dict[str, list[str]]:
+    """{key: every value} of the sweep overrides of ``script``'s one command (ranges and
+    intervals as in ``_sweep_values``)."""
+    (command,) = _commands(script)
+    overrides = [word for word in command[1:] if word != "$@"]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.get_key_element(): _sweep_values(o) for o in parsed if o.is_sweep_override()}
+
+
+# Issue 15 item 5: every study sweeps the combination of the directions (merged, the one
+# normalised sum, against subspace, the projection of their span) beside its own axes, so that
+# "matched fails" cannot come from merging alone; the report's Table 1 keeps them apart.
+STUDY_AXES = {
+    "petrov_grid_qwen3_5_2b_slurm": {"baseline", "layer", "ablation.weight",
+                                     "extraction.orthogonalize", "ablation.combine"},
+    "petrov_grid_embedded": {"baseline", "layer", "ablation.weight", "extraction.orthogonalize",
+                             "ablation.combine"},
+    "compare_models_slurm": {"model", "baseline", "ablation.weight", "extraction.orthogonalize",
+                             "ablation.combine"},
+    "optuna_layer_weight_embedded": {"layer", "ablation.weight", "ablation.combine"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_every_study_sweeps_the_combination(script):
+    swept = _swept(script)
+    assert {"merged", "subspace"} <= set(swept.get("ablation.combine", [])), (
+        f"{script.name}: sweep ablation.combine over at least merged and subspace"
+    )
+    assert "auto" not in swept["ablation.combine"], (
+        f"{script.name}: auto is merged or subspace depending on SVD; name them explicitly"
+    )
+    if script.stem in STUDY_AXES:
+        missing = STUDY_AXES[script.stem] - set(swept)
+        assert not missing, f"{script.name} no longer sweeps {sorted(missing)}"
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
 def test_script_is_one_documented_sweep_that_composes(script):
     subprocess.run(["bash", "-n", str(script)], check=True)  # shell syntax
     header = script.read_text().split("\nset ", 1)[0]
     assert "# Question:" in header, f"{script.name} must say which question it answers"
+    assert "# How long:" in header, f"{script.name} must say roughly how long it takes"
     (command,) = _commands(script)  # one sweep per file
     assert command[0] == "-m", f"{script.name}: `python run.py -m ...` (a multirun)"
     overrides = [word for word in command[1:] if word != "$@"]

@@ -353,6 +353,23 @@ def test_report_of_a_real_tiny_multirun(tiny_multirun, capsys):
     paired = read_csv(sweep / "report" / "paired_matched_vs_unmatched.csv")
     assert len(paired) == 12 and "Not compared" not in markdown
     assert all(int(row["n"]) == results[0]["eval"]["n_harmful"] for row in paired)
+    # re-judged by markers (python -m abliterate.judge relabel): the default report still has 12
+    # trials, and --judge markers reports the 12 copies, paired tests from their completions
+    done = subprocess.run(
+        [sys.executable, "-m", "abliterate.judge", "relabel", str(sweep), "judge=markers"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.split()) == 12
+    assert len(report.collect_results(sweep)[0]) == 12
+    assert report.main([str(sweep), "--judge", "markers"]) == 0, capsys.readouterr().out
+    rejudged = (sweep / "report-markers.md").read_text()
+    assert "12 complete trials, 0 incomplete, 0 not re-judged by markers, 2 settings." in rejudged
+    assert "Outcomes labelled by judge: **markers**." in rejudged
+    copies = read_csv(sweep / "report-markers" / "paired_matched_vs_unmatched.csv")
+    assert len(copies) == 12 and {row["judge"] for row in copies} == {"markers"}
+    assert all("/judgements/markers" in row["matched_dir"] for row in copies)
+    assert (sweep / "report.md").read_text() == markdown
     # every trial's W&B run is grouped under the sweep's directory and finished cleanly
     run_dirs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(run_dirs) == 12
@@ -536,7 +553,8 @@ def test_paired_comparison_exact_mcnemar_and_skipped_pairs(paired_sweep):
     assert (nine["b_matched_only"], nine["c_unmatched_only"]) == ("0", "6")
     assert float(nine["p_value"]) == pytest.approx(0.03125) == mcnemar_exact(0, 6)
     assert float(nine["difference"]) == pytest.approx(-0.6)
-    assert nine["distinguishable"] == "True" and nine["matched_by"] == "index"
+    # p < 0.05 unadjusted, but not after Holm over the two cells: not distinguishable
+    assert nine["distinguishable"] == "False" and nine["matched_by"] == "index"
     assert (comply["9"]["b_matched_only"], comply["9"]["c_unmatched_only"]) == ("6", "0")
     ten = refuse["10"]
     assert (ten["b_matched_only"], ten["c_unmatched_only"], ten["matched_by"]) == (
@@ -550,10 +568,17 @@ def test_paired_comparison_exact_mcnemar_and_skipped_pairs(paired_sweep):
 
     section = markdown.split("## Paired comparison")[1].split("## ")[0]
     assert "L9 w=1, refusals: matched 4/10 vs unmatched 10/10" in section
-    assert "distinguishable from noise (p = 0.0312; Holm-adjusted p = 0.0625)" in section
+    (nine_line,) = [line for line in section.splitlines() if "L9 w=1, refusals" in line]
+    assert nine_line.endswith(
+        ": not distinguishable from noise (Holm-adjusted p = 0.0625, alpha 0.05; "
+        "unadjusted p = 0.0312)."
+    )
     assert "L10 w=1, refusals: matched 1/10 vs unmatched 1/10" in section
-    assert "not distinguishable from noise (p = 1;" in section
-    assert "2 cell(s) tested, 2 outcomes each (4 tests, 2 with p < 0.05)" in section
+    assert "not distinguishable from noise (Holm-adjusted p = 1, alpha 0.05; unadjusted p = 1)" in (
+        section)  # fmt: skip
+    assert " distinguishable from noise (" not in section.replace("not distinguishable", "")
+    assert ("2 cell(s) tested, 2 outcomes each (4 tests: 0 distinguishable from noise, i.e. "
+            "Holm-adjusted p < 0.05; 2 with unadjusted p < 0.05)") in section  # fmt: skip
     assert "arise by chance" in section
     (skipped,) = [line for line in section.splitlines() if "L11" in line]
     assert "prompt lists differ: 10 index(es) hold different prompts" in skipped
@@ -637,3 +662,187 @@ def test_mixed_judges_are_flagged_and_kept_apart(tmp_path):
 def test_holm_adjustment_matches_hand_computation():
     assert report.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert report.holm_adjust([]) == []
+
+
+def test_distinguishable_follows_the_holm_adjusted_p(tmp_path):
+    """Two cells: layer 9 with 9 discordant prompts (p = 0.0039, Holm 0.0078: distinguishable),
+    layer 10 with 5 (p = 0.0625 on its own: not, and Holm keeps it at 0.0625)."""
+    sweep = tmp_path / "sweep"
+    for layer, complied in ((9, 9), (10, 5)):
+        for baseline, labels in (("matched", ["COMPLY"] * complied + ["REFUSE"] * (10 - complied)),
+                                 ("unmatched", REFUSE_ALL)):  # fmt: skip
+            counts = outcomes(*(labels.count(o) for o in report.OUTCOMES))
+            directory = write_trial(sweep, f"{baseline}_{layer}",
+                                    fake_results_v2(baseline, layer, 1.0, counts))  # fmt: skip
+            write_completions(directory, labels)
+    markdown, _, _ = report.write_report(sweep)
+    rows = {(r["layer"], r["outcome"]): r
+            for r in read_csv(sweep / "report" / "paired_matched_vs_unmatched.csv")}  # fmt: skip
+    nine, ten = rows[("9", "REFUSE")], rows[("10", "REFUSE")]
+    assert float(nine["p_value"]) == pytest.approx(mcnemar_exact(0, 9))
+    assert float(nine["p_holm"]) == pytest.approx(2 * mcnemar_exact(0, 9))
+    assert float(ten["p_holm"]) == pytest.approx(mcnemar_exact(0, 5)) == pytest.approx(0.0625)
+    assert (nine["distinguishable"], ten["distinguishable"]) == ("True", "False")
+    section = markdown.split("## Paired comparison")[1].split("## ")[0]
+    (line,) = [line for line in section.splitlines() if "L9 w=1, refusals" in line]
+    assert line.endswith(": distinguishable from noise (Holm-adjusted p = 0.00781, alpha 0.05; "
+                         "unadjusted p = 0.00391).")  # fmt: skip
+    assert "(4 tests: 2 distinguishable from noise" in section
+
+
+# --- re-judged copies (python -m abliterate.judge relabel) -------------------------------------
+
+
+def write_copy(trial: Path, judge: str, results: dict, labels: list[str] | None = None) -> Path:
+    """What relabel writes: <trial>/judgements/<judge>/results.json (+ completions.jsonl)."""
+    directory = trial / "judgements" / judge
+    directory.mkdir(parents=True)
+    results = {**results, "relabel": {"original_judge": results["trial"]["judge"]}}
+    results["trial"] = {**results["trial"], "judge": judge}
+    (directory / "results.json").write_text(json.dumps(results))
+    if labels is not None:
+        write_completions(directory, labels)
+    return directory
+
+
+@pytest.fixture()
+def rejudged_sweep(tmp_path):
+    """Two cells judged by rules, in which matched and unmatched refuse alike (no difference);
+    re-judged by markers, layer 9's matched trial answers every prompt (a difference the paired
+    test finds); layer 10's unmatched trial has no markers copy."""
+    sweep = tmp_path / "sweep"
+    for layer in (9, 10):
+        for baseline in ("matched", "unmatched"):
+            results = fake_results_v2(baseline, layer, 1.0, outcomes(10, 0, 0, 0))
+            trial = write_trial(sweep, f"{baseline}_{layer}", results)
+            write_completions(trial, REFUSE_ALL)
+            if (baseline, layer) == ("unmatched", 10):
+                continue
+            labels = ["COMPLY"] * 10 if (baseline, layer) == ("matched", 9) else REFUSE_ALL
+            copy = fake_results_v2(baseline, layer, 1.0,
+                                   outcomes(*(labels.count(o) for o in report.OUTCOMES)),
+                                   judge="markers")  # fmt: skip
+            copy["trial"]["judge"] = "rules"  # write_copy records it as the original judge
+            write_copy(trial, "markers", copy, labels)
+    return sweep
+
+
+def test_rejudged_copies_are_never_counted_as_trials(rejudged_sweep):
+    results, incomplete = report.collect_results(rejudged_sweep)
+    assert len(results) == 4 and not incomplete
+    assert all("judgements" not in r["_dir"] for r in results)
+    assert {report.judge_name(r) for r in results} == {"rules"}
+    markdown, written, _ = report.write_report(rejudged_sweep)
+    assert "4 complete trials, 0 incomplete, 2 settings." in markdown
+    assert "Outcomes labelled by judge: **rules**." in markdown
+    assert len(read_csv(rejudged_sweep / "report.csv")) == 4
+    assert not list(rejudged_sweep.glob("report-*"))
+    # a copy directory named as the root is itself reported (someone points at one copy)
+    copy = rejudged_sweep / "matched_9" / "judgements" / "markers"
+    (alone,), _ = report.collect_results(copy)
+    assert report.judge_name(alone) == "markers"
+
+
+def test_report_from_the_copies_of_one_judge(rejudged_sweep, capsys):
+    own_markdown, _, _ = report.write_report(rejudged_sweep)
+    before = {p: p.read_bytes() for p in rejudged_sweep.glob("report*") if p.is_file()}
+    assert report.main([str(rejudged_sweep), "--judge", "markers"]) == 1  # one not re-judged
+    printed = capsys.readouterr().out
+    assert "1 incomplete or not re-judged trial(s)" in printed
+    assert {p: p.read_bytes() for p in before} == before  # the own judge's report stays
+    assert (rejudged_sweep / "report.md").read_text() == own_markdown
+    markdown = (rejudged_sweep / "report-markers.md").read_text()
+    assets = rejudged_sweep / "report-markers"
+    assert {p.name for p in assets.iterdir()} >= {"table1_zero_refusal.csv", PLOTS[0],
+                                                   "paired_matched_vs_unmatched.csv"}  # fmt: skip
+    assert "(report-markers/refusal_vs_layer.png)" in markdown
+    assert markdown.startswith(f"# Sweep report: {rejudged_sweep} (re-judged by markers)")
+    assert "3 complete trials, 0 incomplete, 1 not re-judged by markers, 2 settings." in markdown
+    assert "Outcomes labelled by judge: **markers**." in markdown
+    assert "Judge of the trials' own results: rules (3 trials)" in markdown
+    missing = markdown.split("## Not re-judged by markers (1)")[1]
+    assert f"{rejudged_sweep / 'unmatched_10'}: not re-judged by markers: no " \
+           "judgements/markers/results.json" in missing  # fmt: skip
+    assert "## Incomplete trials" not in markdown
+    # every number comes from the copies: layer 9 matched answers all, R = 0 reached
+    trials = read_csv(rejudged_sweep / "report-markers.csv")
+    assert len(trials) == 3 and {r["trial.judge"] for r in trials} == {"markers"}
+    assert all(r["dir"].endswith("judgements/markers") for r in trials)
+    (reached,) = [r for r in read_csv(assets / "table1_zero_refusal.csv") if r["reached"] == "True"]
+    assert (reached["setting"], reached["layer"], reached["judge"]) == ("matched", "9", "markers")
+    # the paired test reads the copies' completions: 0/10 vs 10/10 refusals at layer 9, and the
+    # layer-10 pair is absent (its unmatched trial has no copy), not filled in from rules
+    paired = read_csv(assets / "paired_matched_vs_unmatched.csv")
+    assert {(r["layer"], r["outcome"]) for r in paired} == {("9", "REFUSE"), ("9", "COMPLY")}
+    refuse = next(r for r in paired if r["outcome"] == "REFUSE")
+    assert (refuse["matched"], refuse["unmatched"], refuse["c_unmatched_only"]) == ("0", "10", "10")
+    assert refuse["distinguishable"] == "True" and refuse["judge"] == "markers"
+    assert refuse["matched_dir"].endswith("matched_9/judgements/markers")
+    # the own judge's paired test saw no difference at all
+    own = read_csv(rejudged_sweep / "report" / "paired_matched_vs_unmatched.csv")
+    assert {r["b_matched_only"] for r in own} == {r["c_unmatched_only"] for r in own} == {"0"}
+    # write_report with an output directory of its own; an unknown judge: all not re-judged
+    elsewhere = rejudged_sweep.parent / "elsewhere"
+    _, written, missing = report.write_report(rejudged_sweep, elsewhere, judge="markers")
+    assert elsewhere / "report-markers.md" in written and len(missing) == 1
+    markdown, _, missing = report.write_report(rejudged_sweep, judge="llm")
+    assert len(missing) == 4 and "No complete trials." in markdown
+
+
+def test_the_judgements_folder_is_the_one_relabel_writes():
+    from abliterate import relabel
+
+    assert report.JUDGEMENTS_DIR == relabel.JUDGEMENTS_DIR
+
+
+# --- the combination confound: combine is part of the setting -----------------------------------
+
+
+def test_table1_and_pairs_separate_the_combination(tmp_path):
+    """Both baselines x combine merged/subspace at layer 9: four settings in Table 1, labelled by
+    their combine; paired tests pair within one combine. An SVD trial run with combine=auto
+    (resolved: subspace) and one with combine=subspace are replicates of one cell."""
+    sweep = tmp_path / "sweep"
+    refusals = {("matched", "merged"): 6, ("matched", "subspace"): 0,
+                ("unmatched", "merged"): 0, ("unmatched", "subspace"): 0}  # fmt: skip
+    for (baseline, combine), refuse in refusals.items():
+        results = fake_results_v2(baseline, 9, 1.0, outcomes(refuse, 0, 10 - refuse, 0))
+        results["trial"].update(combine=combine, combine_configured=combine)
+        results["config"]["ablation"]["combine"] = combine
+        trial = write_trial(sweep, f"{baseline}_{combine}", results)
+        write_completions(trial, ["REFUSE"] * refuse + ["COMPLY"] * (10 - refuse))
+    markdown, _, _ = report.write_report(sweep)
+    rows = read_csv(sweep / "report" / "table1_zero_refusal.csv")
+    assert {(r["setting"], r["combine"], r["status"]) for r in rows} == {
+        ("matched combine=merged", "merged", "not_reached"),
+        ("matched combine=subspace", "subspace", "reached"),
+        ("unmatched combine=merged", "merged", "reached"),
+        ("unmatched combine=subspace", "subspace", "reached"),
+    }
+    table1 = markdown.split("## Table 1")[1].split("## Table 2")[0]
+    assert "| matched combine=merged " in table1 and "| matched combine=subspace " in table1
+    paired = read_csv(sweep / "report" / "paired_matched_vs_unmatched.csv")
+    assert {(r["cell"], r["outcome"], r["matched"], r["unmatched"]) for r in paired} == {
+        ("combine=merged L9 w=1", "REFUSE", "6", "0"), ("combine=merged L9 w=1", "COMPLY", "4", "10"),
+        ("combine=subspace L9 w=1", "REFUSE", "0", "0"),
+        ("combine=subspace L9 w=1", "COMPLY", "10", "10"),
+    }  # fmt: skip
+    trials = read_csv(sweep / "report.csv")
+    assert {(r["trial.combine"], r["trial.combine_configured"]) for r in trials} == {
+        ("merged", "merged"), ("subspace", "subspace")}  # fmt: skip
+
+    svd = tmp_path / "svd"
+    for seed, configured in ((0, "auto"), (1, "subspace")):
+        results = fake_results_v2("matched", 9, 1.0, outcomes(1, 0, 9, 0), seed=seed,
+                                  orthogonalize="svd")  # fmt: skip
+        results["trial"].update(combine="subspace", combine_configured=configured)
+        results["config"]["ablation"]["combine"] = configured
+        write_trial(svd, f"seed{seed}_{configured}", results)
+    old = fake_results("matched", 9, 1.0, 1, orthogonalize="svd", seed=2)
+    old["trial"]["combine"] = "auto"  # recorded before auto was resolved in results.json
+    assert report.combine_name(old) == "subspace"
+    old["trial"]["orthogonalize"] = "none"
+    assert report.combine_name(old) == "merged"
+    collected, _ = report.collect_results(svd)
+    (cell,) = report.build_cells(collected).values()
+    assert not cell.mixed and len(cell.trials) == 2

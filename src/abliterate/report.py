@@ -1,10 +1,12 @@
 """The sweep report: every trial's results.json under a directory, tabulated and plotted as the study.
 
-    python -m abliterate.report multirun/2026-11-29/12-00-00 [--min-comply 0.8]
+    python -m abliterate.report multirun/2026-11-29/12-00-00 [--min-comply 0.8] [--judge NAME]
 
 A *setting* is everything about a trial except its layer, weight and seed (baseline, extraction,
-orthogonalization, scope, ..., and the judge that labelled its outcomes); the study compares
-settings over a layer x weight grid. A *cell* is one setting at one layer and weight: the trials in
+orthogonalization, scope, the combination the edit applied (``trial.combine``: merged, sum,
+sequential or subspace, ``auto`` resolved), ..., and the judge that labelled its outcomes); the
+study compares settings over a layer x weight grid, and labels name what varies between them
+(``matched +SVD combine=merged``). A *cell* is one setting at one layer and weight: the trials in
 it differ only in their seed (replicates) or, if their resolved configs differ in anything else,
 the cell is flagged as mixed and nothing in it is averaged.
 
@@ -12,6 +14,12 @@ Outcomes are the judge's four labels of each harmful prompt's response: REFUSE, 
 INCOHERENT, shown as counts out of n with Wilson 95% intervals. "R = 0 reached" needs no REFUSE
 *and* coherent compliance (COMPLY rate >= ``--min-comply``, default 0.8); zero refusals without it
 is reported as "R = 0 without compliance (C = k/n)".
+
+Re-judged copies (``<trial>/judgements/<judge>/``, written by ``python -m abliterate.judge
+relabel``) are never counted as trials. ``--judge NAME`` draws the whole report (outcomes,
+intervals, and the paired tests from the copies' completions.jsonl) from the copies re-judged by
+NAME and writes report-NAME.md, report-NAME.csv and report-NAME/ instead of the names below; a
+trial without a copy for NAME is listed as not re-judged, never filled in from its own judge.
 
 Writes, beside the trials:
     report.md                       every table below, and the plots
@@ -22,7 +30,8 @@ Writes, beside the trials:
     report/table2_refusals_<setting>.csv   refusals by layer x weight, one grid per setting
     report/table3_geometry_by_layer.csv    |m|/|u|, cos(m,u), cos(t,u), capture per setting
     report/paired_matched_vs_unmatched.csv per cell with both baselines on the same prompts:
-                                    exact McNemar tests of REFUSE and COMPLY (with Holm's p)
+                                    exact McNemar tests of REFUSE and COMPLY, with Holm's p;
+                                    "distinguishable" means Holm-adjusted p < 0.05
     report/replicates.csv           cells with several seeds: mean, min, max, sd
     report/refusal_vs_layer.png, kl_vs_weight.png, norm_ratio_by_layer.png, direction_cosines.png
 
@@ -60,6 +69,10 @@ TRIALS_CSV = "report.csv"
 REPORT_SUBDIR = "report"
 PAIRED_CSV = "paired_matched_vs_unmatched.csv"
 REPLICATES_CSV = "replicates.csv"
+# where `python -m abliterate.judge relabel` writes a trial's re-judged copy:
+# <trial>/judgements/<judge>/{results.json, completions.jsonl} (abliterate.relabel.JUDGEMENTS_DIR)
+JUDGEMENTS_DIR = "judgements"
+NOT_REJUDGED = "not re-judged by"
 MIN_COMPLY = 0.8  # "R = 0 reached" needs at least this COMPLY rate on the harmful prompts
 ALPHA = 0.05
 
@@ -80,6 +93,7 @@ SETTING_KEYS = (
 SETTING_NAMES = ("model", *SETTING_KEYS)
 BASELINE_INDEX = SETTING_NAMES.index("baseline")
 ORTHOGONALIZE_INDEX = SETTING_NAMES.index("orthogonalize")
+COMBINE_INDEX = SETTING_NAMES.index("combine")
 JUDGE_INDEX = SETTING_NAMES.index("judge")
 
 OUTCOMES = ("REFUSE", "EVASIVE", "COMPLY", "INCOHERENT")
@@ -103,36 +117,74 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def collect_results(root: Path) -> tuple[list[Results], list[tuple[Path, str]]]:
+def _read_complete(path: Path) -> tuple[Results | None, str]:
+    """(the results, "") of a complete results.json, else (None, why not)."""
+    if not path.exists():
+        return None, "no results.json (running, failed or killed)"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return None, f"unreadable results.json ({type(error).__name__})"
+    if not isinstance(results, dict) or results.get("status") != "complete":
+        status = results.get("status") if isinstance(results, dict) else None
+        return None, f"status={status!r}"
+    return results, ""
+
+
+def is_rejudged_copy(directory: Path, root: Path) -> bool:
+    """Whether ``directory`` lies in a trial's ``judgements/`` folder below ``root`` (a copy
+    re-judged by ``python -m abliterate.judge relabel``, not a trial of its own)."""
+    return JUDGEMENTS_DIR in Path(directory).relative_to(root).parts
+
+
+def collect_results(
+    root: Path, judge: str | None = None
+) -> tuple[list[Results], list[tuple[Path, str]]]:
     """Complete results under ``root`` and the incomplete trials.
 
     A trial directory is one holding a results.json or Hydra's ``.hydra`` folder (a job that
-    started). Each complete result gets ``_dir``, its directory.
+    started). Re-judged copies (``<trial>/judgements/<judge>/results.json``) are never trials of
+    their own: by default they are skipped, and with ``judge`` each trial is read from its copy
+    for that judge instead of its own results.json (a trial without a complete copy is listed
+    with the reason, starting ``not re-judged by <judge>``). Each complete result gets ``_dir``,
+    the directory its results.json and completions.jsonl were read from, and ``_trial_dir``, the
+    trial's directory.
 
     Returns:
         (complete results sorted by model, setting, layer, weight, seed; [(directory, why)] of the
-        trials without a complete results.json).
+        trials without a complete results.json, or without a complete copy for ``judge``).
     """
     root = Path(root)
-    trial_dirs = {p.parent for p in root.rglob(".hydra")} | {
-        p.parent for p in root.rglob(RESULTS_FILE)
+    trial_dirs = {
+        directory
+        for directory in (
+            *(p.parent for p in root.rglob(".hydra")),
+            *(p.parent for p in root.rglob(RESULTS_FILE)),
+        )
+        if not is_rejudged_copy(directory, root)
     }
     complete: list[Results] = []
     incomplete: list[tuple[Path, str]] = []
     for directory in sorted(trial_dirs, key=_natural_key):
-        path = directory / RESULTS_FILE
-        if not path.exists():
-            incomplete.append((directory, "no results.json (running, failed or killed)"))
+        results, why = _read_complete(directory / RESULTS_FILE)
+        if results is None:
+            incomplete.append((directory, why))
             continue
-        try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            incomplete.append((directory, f"unreadable results.json ({type(error).__name__})"))
-            continue
-        if results.get("status") != "complete":
-            incomplete.append((directory, f"status={results.get('status')!r}"))
-            continue
-        results["_dir"] = str(directory)
+        source = directory
+        if judge is not None:
+            source = directory / JUDGEMENTS_DIR / judge
+            copy = f"{JUDGEMENTS_DIR}/{judge}/{RESULTS_FILE}"
+            if not (source / RESULTS_FILE).exists():
+                incomplete.append((directory, f"{NOT_REJUDGED} {judge}: no {copy} (`python -m "
+                                   f"abliterate.judge relabel {directory} judge={judge}`)"))  # fmt: skip
+                continue
+            results, why = _read_complete(source / RESULTS_FILE)
+            if results is None:
+                why = why.replace(RESULTS_FILE, copy)
+                incomplete.append((directory, f"{NOT_REJUDGED} {judge}: {why}"))
+                continue
+        results["_dir"] = str(source)
+        results["_trial_dir"] = str(directory)
         complete.append(results)
     complete.sort(
         key=lambda r: (*setting_key(r), r["trial"]["layer"], r["trial"]["weight"], _seed_key(r))
@@ -277,8 +329,23 @@ def _model_name(results: Results) -> str:
     return str(trial.get("model_name") or trial["model"])
 
 
+def combine_name(results: Results) -> str:
+    """The combination the trial's edit applied (``trial.combine``). Trials written before
+    ``combine=auto`` was resolved in results.json recorded ``auto``: it is resolved here as the
+    ablation resolved it (``subspace`` after SVD, else ``merged``)."""
+    trial = results["trial"]
+    combine = str(trial.get("combine", ""))
+    if combine == "auto":
+        return "subspace" if trial.get("orthogonalize") == "svd" else "merged"
+    return combine
+
+
 def _setting_field(results: Results, key: str) -> str:
-    return judge_name(results) if key == "judge" else str(results["trial"].get(key, ""))
+    if key == "judge":
+        return judge_name(results)
+    if key == "combine":
+        return combine_name(results)
+    return str(results["trial"].get(key, ""))
 
 
 def setting_key(results: Results) -> tuple[str, ...]:
@@ -329,14 +396,23 @@ def _group(results: Iterable[Results], key: Callable[[Results], Any]) -> dict[An
 def comparable_config(results: Results) -> dict[str, Any]:
     """What must be equal for two trials to be replicates: the resolved ``config`` block without
     the seeds and the keys that cannot change a result, and the ``trial`` block without seeds."""
-    signature: dict[str, Any] = {
-        "trial": {k: v for k, v in results["trial"].items() if k not in ("seed", "extraction_seed")}
+    combine = combine_name(results)
+    trial = {
+        k: v
+        for k, v in results["trial"].items()
+        if k not in ("seed", "extraction_seed", "combine_configured")
     }
+    if "combine" in trial:
+        trial["combine"] = combine
+    signature: dict[str, Any] = {"trial": trial}
     config = results.get("config")
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in CONFIG_IGNORED}
         if isinstance(config.get("extraction"), dict):
             config["extraction"] = {k: v for k, v in config["extraction"].items() if k != "seed"}
+        if isinstance(config.get("ablation"), dict) and "combine" in config["ablation"]:
+            # combine=auto and the combine it resolves to apply the same edit
+            config["ablation"] = {**config["ablation"], "combine": combine}
         signature["config"] = config
     return signature
 
@@ -544,6 +620,7 @@ def zero_refusal_rows(
             "judge": key[JUDGE_INDEX],
             "baseline": key[BASELINE_INDEX],
             "orthogonalize": key[ORTHOGONALIZE_INDEX],
+            "combine": key[COMBINE_INDEX],
         }
         by_layer: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for (layer, weight), cell in cells.items():
@@ -570,7 +647,7 @@ def zero_refusal_rows(
 
 
 TABLE1_FIELDS = (
-    "setting", "judge", "baseline", "orthogonalize", "status", "reached", "layer", "weight",
+    "setting", "judge", "baseline", "orthogonalize", "combine", "status", "reached", "layer", "weight",
     "n_seeds", "n_harmful", "refusals", "evasive", "comply", "incoherent",
     "refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high",
     "comply_rate", "comply_rate_ci_low", "comply_rate_ci_high",
@@ -729,7 +806,8 @@ TRIAL_COLUMNS: tuple[tuple[str, Callable[[Results], Any]], ...] = (
 # report.csv: raw values, one row per trial; every rate in RATE_SOURCES gets _ci_low / _ci_high
 CSV_FIELDS: tuple[tuple[str, str], ...] = (
     *(("trial", k) for k in ("model", "baseline", "extraction", "orthogonalize", "layer")),
-    *(("trial", k) for k in ("weight", "scope", "combine", "direction_norm", "seed")),
+    *(("trial", k) for k in ("weight", "scope", "combine", "combine_configured")),
+    *(("trial", k) for k in ("direction_norm", "seed")),
     ("directions", "count"),
     *(("baseline_eval", k) for k in ("refusal_rate", "harmless_refusal_rate")),
     ("baseline_eval", "matched_harmless_refusal_rate"),
@@ -976,13 +1054,20 @@ def paired_rows(comparisons: list[PairedCell]) -> list[dict[str, Any]]:
                     "c_unmatched_only": test.only_second,
                     "p_value": test.p_value,
                     "p_holm": c.holm.get(outcome),
-                    "distinguishable": test.p_value < ALPHA,
+                    "distinguishable": _distinguishable(c, outcome),
                     "matched_by": c.matched_by,
                     "matched_dir": c.matched["_dir"],
                     "unmatched_dir": c.unmatched["_dir"],
                 }
             )
     return rows
+
+
+def _distinguishable(cell: PairedCell, outcome: str) -> bool:
+    """Whether a difference is told apart from noise: its Holm-adjusted p (over every cell tested
+    for the outcome) is below ``ALPHA``; the unadjusted p alone never decides."""
+    p_holm = cell.holm.get(outcome)
+    return p_holm is not None and p_holm < ALPHA
 
 
 OUTCOME_WORDS = {"REFUSE": ("refusals", "refused"), "COMPLY": ("compliance", "answered COMPLY")}
@@ -998,7 +1083,9 @@ def format_paired_section(comparisons: list[PairedCell]) -> list[str]:
         "Per cell (every setting but the baseline, and the seed, equal), the matched and the "
         "unmatched trial's labels of the same harmful prompts: b = prompts with the outcome only "
         "under matched, c = only under unmatched; p = exact two-sided McNemar test (only the b + c "
-        f"discordant prompts count); alpha = {ALPHA}.",
+        "discordant prompts count); p (Holm) = p adjusted for the number of cells tested (Holm's "
+        "step-down, one family per outcome). A difference is called distinguishable from noise "
+        f"only when its Holm-adjusted p < {ALPHA}; the unadjusted p is shown beside it.",
         "",
     ]
     rows = paired_rows(tested)
@@ -1037,24 +1124,26 @@ def format_paired_section(comparisons: list[PairedCell]) -> list[str]:
             for outcome, test in c.tests.items():
                 noun, verb = OUTCOME_WORDS[outcome]
                 verdict = (
-                    "distinguishable from noise" if test.p_value < ALPHA
+                    "distinguishable from noise" if _distinguishable(c, outcome)
                     else "not distinguishable from noise"
                 )  # fmt: skip
                 text.append(
                     f"- {c.label}, {noun}: matched {test.first}/{test.n} vs unmatched "
                     f"{test.second}/{test.n} (difference {test.difference:+.2f}; {test.only_first} "
                     f"prompt(s) {verb} only under matched, {test.only_second} only under "
-                    f"unmatched): {verdict} (p = {_fmt_p(test.p_value)}; Holm-adjusted "
-                    f"p = {_fmt_p(c.holm.get(outcome))})."
+                    f"unmatched): {verdict} (Holm-adjusted p = {_fmt_p(c.holm.get(outcome))}, "
+                    f"alpha {ALPHA:g}; unadjusted p = {_fmt_p(test.p_value)})."
                 )
         significant = sum(r["p_value"] < ALPHA for r in rows)
+        distinguishable = sum(bool(r["distinguishable"]) for r in rows)
         text += [
             "",
             f"{len(tested)} cell(s) tested, {len(PAIRED_OUTCOMES)} outcomes each "
-            f"({len(rows)} tests, {significant} with p < {ALPHA}). With many cells some p < "
-            f"{ALPHA} arise by chance alone (about {ALPHA:g} x {len(rows)} = "
-            f"{ALPHA * len(rows):.1f} tests if the baselines did not differ at all); the Holm "
-            "column adjusts each outcome's p-values for the number of cells tested.",
+            f"({len(rows)} tests: {distinguishable} distinguishable from noise, i.e. Holm-adjusted "
+            f"p < {ALPHA}; {significant} with unadjusted p < {ALPHA}). With many cells some "
+            f"unadjusted p < {ALPHA} arise by chance alone (about {ALPHA:g} x {len(rows)} = "
+            f"{ALPHA * len(rows):.1f} tests if the baselines did not differ at all), which is why "
+            "the verdicts follow the Holm-adjusted p.",
         ]
     if skipped:
         text += ["", f"Not compared ({len(skipped)} pair(s)):"]
@@ -1144,7 +1233,7 @@ def format_mixed_cells(cells: Iterable[Cell], settings: Settings) -> list[str]:
             lines.append(
                 f"- mixed configs in cell {settings.label(cell.setting)} layer {cell.layer} "
                 f"w={cell.weight:g}: {len(cell.trials)} trials differ in {shown}{more}; not "
-                f"averaged ({', '.join(Path(r['_dir']).name for r in cell.trials)})"
+                f"averaged ({', '.join(Path(r.get('_trial_dir', r['_dir'])).name for r in cell.trials)})"
             )
     return lines
 
@@ -1409,8 +1498,36 @@ def _judge_lines(results: list[Results]) -> list[str]:
     ]
 
 
+def report_names(judge: str | None = None) -> tuple[str, str, str]:
+    """(report.md, report.csv, report/) names; for a re-judged report ``report-<judge>.md``,
+    ``report-<judge>.csv`` and ``report-<judge>/``, so the original judge's report stays."""
+    if judge is None:
+        return REPORT_FILE, TRIALS_CSV, REPORT_SUBDIR
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", judge).strip("_") or "judge"
+    return f"report-{slug}.md", f"report-{slug}.csv", f"{REPORT_SUBDIR}-{slug}"
+
+
+def _rejudged_lines(results: list[Results], judge: str) -> list[str]:
+    originals = _group(
+        results, lambda r: str(_dig(r, "relabel", "original_judge") or "n/a (not recorded)")
+    )
+    listed = ", ".join(
+        f"{name} ({len(trials)} trials)" for name, trials in sorted(originals.items())
+    )
+    return [
+        f"Re-judged report: every trial below is read from its copy re-judged by **{judge}** "
+        f"(`<trial>/{JUDGEMENTS_DIR}/{judge}/`, written by `python -m abliterate.judge relabel`), "
+        "outcomes, intervals and paired tests included; KL and geometry are the trial's own. "
+        f"Judge of the trials' own results: {listed}. Trials without a copy for {judge} are "
+        "listed at the end, not mixed in with another judge's numbers."
+    ]
+
+
 def write_report(
-    root: Path, out_dir: Path | None = None, min_comply: float = MIN_COMPLY
+    root: Path,
+    out_dir: Path | None = None,
+    min_comply: float = MIN_COMPLY,
+    judge: str | None = None,
 ) -> tuple[str, list[Path], list]:
     """Write the tables and plots for the trials under ``root``.
 
@@ -1419,22 +1536,33 @@ def write_report(
         out_dir: where report.md and report.csv go (default ``root``); CSV tables and plots go
             into its ``report/`` folder.
         min_comply: the COMPLY rate "R = 0 reached" requires besides zero refusals.
+        judge: draw the whole report from the trials' copies re-judged by this judge
+            (``<trial>/judgements/<judge>/``) and write it as ``report-<judge>.md``,
+            ``report-<judge>.csv`` and ``report-<judge>/``; None (default): the trials' own
+            results, and the re-judged copies are ignored.
 
     Returns:
-        (the Markdown text, the files written, [(directory, why)] of the incomplete trials).
+        (the Markdown text, the files written, [(directory, why)] of the incomplete trials, and
+        with ``judge`` of the trials without a complete copy for it).
     """
     root = Path(root)
     out_dir = Path(out_dir or root)
-    assets = out_dir / REPORT_SUBDIR
+    report_name, csv_name, subdir = report_names(judge)
+    assets = out_dir / subdir
     assets.mkdir(parents=True, exist_ok=True)
-    results, incomplete = collect_results(root)
+    results, incomplete = collect_results(root, judge)
+    not_rejudged = [(d, why) for d, why in incomplete if why.startswith(NOT_REJUDGED)]
+    incomplete_own = [(d, why) for d, why in incomplete if not why.startswith(NOT_REJUDGED)]
     settings = Settings(results)
     written: list[Path] = []
-    text = [f"# Sweep report: {root}", ""]
-    text.append(
-        f"{len(results)} complete trials, {len(incomplete)} incomplete, "
-        f"{len(settings.keys)} settings."
-    )
+    title = f"# Sweep report: {root}" + ("" if judge is None else f" (re-judged by {judge})")
+    text = [title, ""]
+    counts = f"{len(results)} complete trials, {len(incomplete_own)} incomplete, "
+    if judge is not None:
+        counts += f"{len(not_rejudged)} not re-judged by {judge}, "
+    text.append(counts + f"{len(settings.keys)} settings.")
+    if judge is not None:
+        text += ["", *_rejudged_lines(results, judge)]
 
     if results:
         cells = build_cells(results)
@@ -1556,13 +1684,20 @@ def write_report(
     else:
         text += ["", "No complete trials."]
 
-    if incomplete:
-        text += ["", f"## Incomplete trials ({len(incomplete)}): no complete results.json", ""]
-        text += [f"- {directory}: {why}" for directory, why in incomplete]
+    if incomplete_own:
+        text += ["", f"## Incomplete trials ({len(incomplete_own)}): no complete results.json", ""]
+        text += [f"- {directory}: {why}" for directory, why in incomplete_own]
+    if not_rejudged:
+        text += [
+            "",
+            f"## Not re-judged by {judge} ({len(not_rejudged)}): complete trials left out",
+            "",
+        ]
+        text += [f"- {directory}: {why}" for directory, why in not_rejudged]
 
     columns = trial_csv_columns()
     trials_csv = _write_csv(
-        out_dir / TRIALS_CSV,
+        out_dir / csv_name,
         ["setting", *(name for name, _ in columns), "dir"],
         (
             [settings.label(setting_key(r)), *(get(r) for _, get in columns), r["_dir"]]
@@ -1570,7 +1705,7 @@ def write_report(
         ),
     )
     markdown = "\n".join(text) + "\n"
-    report = out_dir / REPORT_FILE
+    report = out_dir / report_name
     report.write_text(markdown)
     return markdown, [report, trials_csv, *written], incomplete
 
@@ -1597,6 +1732,15 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="where to write the report (default: DIRECTORY)"
     )
     parser.add_argument(
+        "--judge",
+        default=None,
+        metavar="NAME",
+        help="report the trials' copies re-judged by NAME (<trial>/judgements/NAME/, from "
+        "`python -m abliterate.judge relabel DIR judge=NAME`) instead of their own results; "
+        "writes report-NAME.md, report-NAME.csv and report-NAME/ (default: the trials' own "
+        "results, re-judged copies ignored)",
+    )
+    parser.add_argument(
         "--min-comply",
         type=_fraction,
         default=MIN_COMPLY,
@@ -1607,13 +1751,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.directory.is_dir():
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    markdown, written, incomplete = write_report(args.directory, args.out, args.min_comply)
+    markdown, written, incomplete = write_report(
+        args.directory, args.out, args.min_comply, args.judge
+    )
     print(markdown)
     print("wrote:")
     for path in written:
         print(f"  {path}")
     if incomplete:
-        print(f"{len(incomplete)} incomplete trial(s) listed at the end of {written[0]}")
+        what = "incomplete" if args.judge is None else "incomplete or not re-judged"
+        print(f"{len(incomplete)} {what} trial(s) listed at the end of {written[0]}")
     return 1 if incomplete or not any(p.suffix == ".png" for p in written) else 0
 
 
