@@ -79,12 +79,16 @@ def test_there_is_a_script_for_each_study():
 
 
 def _swept(script: Path) -> dict[str, list[str]]:
-    """{key: every value} of the sweep overrides of ``script``'s one command (ranges and
-    intervals as in ``_sweep_values``)."""
-    (command,) = _commands(script)
-    overrides = [word for word in command[1:] if word != "$@"]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return {o.get_key_element(): _sweep_values(o) for o in parsed if o.is_sweep_override()}
+    """{key: every value} of the sweep overrides of ``script``'s commands (ranges and
+    intervals as in ``_sweep_values``; a study of several sweeps into one directory, as
+    study_embedded.sh, contributes the values of all of them)."""
+    swept: dict[str, list[str]] = {}
+    for command in _commands(script):
+        overrides = [word for word in command[1:] if word != "$@"]
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if o.is_sweep_override():
+                swept.setdefault(o.get_key_element(), []).extend(_sweep_values(o))
+    return swept
 
 
 # Issue 15 item 5: every study sweeps the combination of the directions (merged, the one
@@ -98,6 +102,8 @@ STUDY_AXES = {
     "compare_models_slurm": {"model", "baseline", "ablation.weight", "extraction.orthogonalize",
                              "ablation.combine"},
     "optuna_layer_weight_embedded": {"layer", "ablation.weight", "ablation.combine"},
+    "study_embedded": {"baseline", "layer", "ablation.weight", "extraction.orthogonalize",
+                       "ablation.combine"},
 }  # fmt: skip
 
 
@@ -121,7 +127,13 @@ def test_script_is_one_documented_sweep_that_composes(script):
     header = script.read_text().split("\nset ", 1)[0]
     assert "# Question:" in header, f"{script.name} must say which question it answers"
     assert "# How long:" in header, f"{script.name} must say roughly how long it takes"
-    (command,) = _commands(script)  # one sweep per file
+    commands = _commands(script)  # one study per file (one sweep, or several into one dir)
+    assert commands, f"{script.name}: no `python run.py -m ...` line"
+    for command in commands:
+        _check_command(script, command)
+
+
+def _check_command(script: Path, command: list[str]) -> None:
     assert command[0] == "-m", f"{script.name}: `python run.py -m ...` (a multirun)"
     overrides = [word for word in command[1:] if word != "$@"]
     assert command[-1] == "$@", f'{script.name}: end with "$@" so callers can add overrides'
