@@ -104,7 +104,7 @@ class ResidualProjection:
 def build_residual_projection(
     directions: torch.Tensor,
     cfg: AblationConfig,
-    scales: torch.Tensor | None = None,
+    scales: torch.Tensor | Sequence[float] | None = None,
     gain: torch.Tensor | None = None,
 ) -> ResidualProjection:
     """Combine k directions into the map M = I - U V^T that the edit applies to a writer.

@@ -246,14 +246,14 @@ def collect_activations(
     directory.mkdir(parents=True, exist_ok=True)
     key = activation_cache_key(loaded, prompt_set, position, batch_size)
     path = directory / f"{key}.safetensors"
-    values = _read_entry(path)
-    if values is not None:
-        return Activations(prompt_set, values, cache_hit=True)
+    cached = _read_entry(path)
+    if cached is not None:
+        return Activations(prompt_set, cached, cache_hit=True)
     # Concurrent jobs on a shared cache: one computes, the others wait and then read.
     with FileLock(str(directory / f"{key}.lock")):
-        values = _read_entry(path)
-        if values is not None:
-            return Activations(prompt_set, values, cache_hit=True)
+        cached = _read_entry(path)
+        if cached is not None:
+            return Activations(prompt_set, cached, cache_hit=True)
         values = run_forward_passes(
             loaded,
             prompt_set.prompts,

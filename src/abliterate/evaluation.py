@@ -533,8 +533,9 @@ def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
     tensors = {k: v.contiguous() for k, v in baseline.kl_reference.tensors().items()}
     tensors["positions_mask"] = tensors["positions_mask"].to(torch.uint8)
     for name in ACTIVATION_SETS:
-        if baseline.sets[name].activations is not None:
-            tensors[f"{name}_activations"] = baseline.sets[name].activations.contiguous()
+        activations = baseline.sets[name].activations
+        if activations is not None:
+            tensors[f"{name}_activations"] = activations.contiguous()
     save_file(tensors, str(staging / "kl_reference.safetensors"))
     (staging / "sets.json").write_text(
         json.dumps({"sets": {k: v.texts() for k, v in baseline.sets.items()}})

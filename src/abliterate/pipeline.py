@@ -25,7 +25,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +37,7 @@ from abliterate import geometry as geometry_stage
 from abliterate import provenance, records
 from abliterate.ablation import apply_ablation, effective_combine, removed_fraction
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
-from abliterate.config import ConfigError, validate_config
+from abliterate.config import AblationConfig, ConfigError, validate_config
 from abliterate.judge import Judge, build_judge
 from abliterate.models import LoadedModel, load_model, read_model_config
 from abliterate.prompts import PromptSet, load_prompt_set
@@ -299,9 +299,13 @@ def run_trial(
     )
     scales = None
     # combine=auto: merged for directions as extracted, subspace after SVD (ablation.py says why)
-    ablation = OmegaConf.merge(
-        cfg.ablation,
-        {"combine": effective_combine(cfg.ablation, cfg.extraction.orthogonalize)},
+    # a DictConfig with AblationConfig's fields stands in for it (read by attribute only)
+    ablation = cast(
+        AblationConfig,
+        OmegaConf.merge(
+            cfg.ablation,
+            {"combine": effective_combine(cfg.ablation, cfg.extraction.orthogonalize)},
+        ),
     )
     if cfg.ablation.direction_norm == "relative" and len(directions.vectors):
         scales = torch.tensor(
@@ -429,7 +433,8 @@ def run_trial(
     if cfg.export:
         from abliterate.export import export_model
 
-        weights_mode = OmegaConf.merge(ablation, {"mode": "weights"})  # hooks cannot be saved
+        # hooks cannot be saved; as `ablation` above, a DictConfig stands in for AblationConfig
+        weights_mode = cast(AblationConfig, OmegaConf.merge(ablation, {"mode": "weights"}))
         with apply_ablation(loaded.model, writers, directions.vectors, layer, weights_mode, scales):
             export_model(loaded, output_dir / "model", results)
     for stage in (

@@ -24,7 +24,7 @@ import platform
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -110,7 +110,9 @@ def cache_key(parts: Mapping[str, Any], chars: int = 20) -> str:
 def result_config(cfg: Any) -> dict[str, Any]:
     """The resolved config without the keys that cannot change a result."""
     if isinstance(cfg, DictConfig):
-        kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NON_RESULT_KEYS])
+        # a DictConfig's keys are typed as any DictKeyType; a run config's keys are all str
+        keys = cast(list[str], [k for k in cfg if k not in NON_RESULT_KEYS])
+        kept = OmegaConf.masked_copy(cfg, keys)
         return OmegaConf.to_container(kept, resolve=True)  # type: ignore[return-value]
     return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
 

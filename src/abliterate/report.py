@@ -312,7 +312,9 @@ def rate_interval(results: Results, block: str, key: str) -> tuple[float, float]
     count, n = rate_count(results, block, key), rate_n(results, block, key)
     if count is None or not n or not 0 <= count <= n:
         return None
-    low, high = wilson_interval(count, n)
+    interval = wilson_interval(count, n)
+    assert interval is not None  # None only for n = 0, excluded above
+    low, high = interval
     return low, high
 
 
@@ -473,8 +475,8 @@ class Cell:
 
     def count(self, outcome: str) -> float | None:
         """The mean count of an outcome over the replicates (None if any trial lacks it)."""
-        counts = [outcome_counts(r)[outcome] for r in self.trials]
-        if self.mixed or any(c is None for c in counts):
+        counts = [c for r in self.trials if (c := outcome_counts(r)[outcome]) is not None]
+        if self.mixed or len(counts) < len(self.trials):
             return None
         return sum(counts) / len(counts)
 
@@ -496,8 +498,8 @@ class Cell:
         their intervals (seed-to-seed spread included). Mixed: None."""
         if self.mixed:
             return None
-        intervals = [rate_interval(r, block, key) for r in self.trials]
-        if any(i is None for i in intervals):
+        intervals = [i for r in self.trials if (i := rate_interval(r, block, key)) is not None]
+        if len(intervals) < len(self.trials):
             return None
         return min(i[0] for i in intervals), max(i[1] for i in intervals)
 
@@ -822,6 +824,24 @@ CSV_FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _outcome_count_column(outcome: str) -> Callable[[Results], int | None]:
+    return lambda r: outcome_counts(r)[outcome]
+
+
+def _field_column(block: str, key: str) -> Callable[[Results], Any]:
+    return lambda r: _get(r, block, key)
+
+
+def _interval_bound_column(block: str, key: str, index: int) -> Callable[[Results], float | None]:
+    """The low (index 0) or high (1) bound of a rate's Wilson 95% interval; None without one."""
+
+    def bound(r: Results) -> float | None:
+        interval = rate_interval(r, block, key)
+        return None if interval is None else interval[index]
+
+    return bound
+
+
 def trial_csv_columns() -> list[tuple[str, Callable[[Results], Any]]]:
     """report.csv's columns: the raw fields, the four outcome counts, and beside every rate its
     Wilson 95% interval (recorded, else recomputed from the count; blank when no count)."""
@@ -831,23 +851,14 @@ def trial_csv_columns() -> list[tuple[str, Callable[[Results], Any]]]:
     for block, key in CSV_FIELDS:
         name = f"{block}.{key}"
         if block == "eval" and key == "refusals":
-            columns.append((name, lambda r: outcome_counts(r)["REFUSE"]))
+            columns.append((name, _outcome_count_column("REFUSE")))
             for outcome in OUTCOMES[1:]:
-                columns.append(
-                    (f"eval.outcomes.{outcome}", lambda r, o=outcome: outcome_counts(r)[o])
-                )
+                columns.append((f"eval.outcomes.{outcome}", _outcome_count_column(outcome)))
             continue
-        columns.append((name, lambda r, b=block, k=key: _get(r, b, k)))
+        columns.append((name, _field_column(block, key)))
         if (block, key) in RATE_SOURCES:
             for end, index in (("low", 0), ("high", 1)):
-                columns.append(
-                    (
-                        f"{name}_ci_{end}",
-                        lambda r, b=block, k=key, i=index: (rate_interval(r, b, k) or (None,) * 2)[
-                            i
-                        ],
-                    )
-                )
+                columns.append((f"{name}_ci_{end}", _interval_bound_column(block, key, index)))
     columns.append(("provenance.config_hash", lambda r: _get(r, "provenance", "config_hash")))
     return columns
 
@@ -1233,7 +1244,7 @@ def format_mixed_cells(cells: Iterable[Cell], settings: Settings) -> list[str]:
             lines.append(
                 f"- mixed configs in cell {settings.label(cell.setting)} layer {cell.layer} "
                 f"w={cell.weight:g}: {len(cell.trials)} trials differ in {shown}{more}; not "
-                f"averaged ({', '.join(Path(r.get('_trial_dir', r['_dir'])).name for r in cell.trials)})"
+                f"averaged ({', '.join(Path(r['_trial_dir'] if '_trial_dir' in r else r['_dir']).name for r in cell.trials)})"
             )
     return lines
 

@@ -1046,7 +1046,7 @@ _DEFINITION = re.compile(
 def _defines_topic(prompt: str, first_sentence: str) -> bool:
     """The response opens by defining a topic of the request ("Phishing is one of ...")."""
     match = _DEFINITION.match(first_sentence)
-    return bool(match) and bool(content_stems(match.group(1)) & content_stems(prompt))
+    return match is not None and bool(content_stems(match.group(1)) & content_stems(prompt))
 
 
 def request_kind(prompt: str) -> str:
