@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -43,9 +43,7 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    identity: (
-        str  # what the weights are (hub commit, folder or file signature): cache keys use it
-    )
+    identity: str  # what the weights are (hub commit, folder or file signature): cache keys use it
     device: torch.device
     system_prompt: str | None = None
     disable_thinking: bool = True
@@ -169,7 +167,8 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         raise ValueError(
             f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
         )
-    model.to(device)
+    # transformers' stubs type the decorated .to() wrongly
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(
@@ -214,7 +213,8 @@ def load_gguf_as_plain_model(path: Path, gguf_file: str | None, dtype: torch.dty
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = type(gguf_model)(config).to(dtype)
+    # transformers' stubs type the decorated .to() wrongly
+    model = type(gguf_model)(config).to(dtype)  # type: ignore[arg-type]
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     # A tied lm_head is absent from the state dict of some checkpoints; anything else is an error.
     missing = [
@@ -249,7 +249,7 @@ def format_chat(
             add_generation_prompt=True,
             enable_thinking=not disable_thinking,
         )
-        formatted.append(text)
+        formatted.append(cast(str, text))  # tokenize=False: one conversation renders to a str
     return formatted
 
 
