@@ -8,8 +8,8 @@
 #   depth scan:  baseline x layers 6,10,14,26 at w=1, merged                         (8 trials)
 #   fine grid:   baseline x layers 18,22 x Petrov's weights 0.3,0.5,0.8,1.0,1.2
 #                x combine merged,subspace x orthogonalize none,svd                    (80 trials)
-# How long: about 35 min on one quiet 2-core machine (one process: the model and the activations
-# load once; each trial pays its ablated evaluation, about 20 s).
+# How long: about 45 min on one quiet 2-core machine (one process: the model and the activations
+# load once; each trial pays its ablated evaluation, about 30 s at 64 new tokens).
 #
 # The embedded model was fine-tuned here to refuse harmful prompts and to answer matched-harmless
 # ones: its results test the pipeline, not Petrov's hypothesis about naturally aligned models.

@@ -8,7 +8,7 @@ The trials evaluate all 144 held-out harmful prompts (16 per category), the set 
 measures, not the default sweep's 36: one prompt is 0.028 of 36, and the stratified 36 happen to
 hold more of the prompts the refuser misses (recipe v9: 0.86 of the 36, 0.917 of the 144).
 
-Measured with the four-outcome rules judge (n = 144; REFUSE / EVASIVE / COMPLY / INCOHERENT after
+Measured with the four-outcome rules judge (n = 144, 32 new tokens; REFUSE / EVASIVE / COMPLY / INCOHERENT after
 the edit, unedited refusal 0.92 everywhere): unmatched L18 18/55/69/2, unmatched L22 2/49/89/4
 (COMPLY 0.62, the only trial over the bar), matched L18 69/50/24/1, matched L22 16/78/48/2. The
 three-label marker classifier used before called 0.99 of unmatched L22's answers COMPLY; the
@@ -31,12 +31,13 @@ pytestmark = pytest.mark.slow
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 LAYERS = (18, 22)
 ALL_HELD_OUT = "eval.harmful_per_category=16"
+TOKENS = "eval.max_new_tokens=32"  # the length these numbers were measured at (default: 64)
 
 
 def _compose(*overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=["logger=none", ALL_HELD_OUT, *overrides])
+        return compose("config", overrides=["logger=none", ALL_HELD_OUT, TOKENS, *overrides])
 
 
 def test_unmatched_abliteration_removes_refusal_and_sweep_reuses_activations(tmp_path):

@@ -125,7 +125,7 @@ class EvalConfig:
     n_harmful: int | None = None  # then at most this many in all, round-robin over categories
     n_unmatched: int = 24  # held-out generic harmless prompts (false refusals)
     n_matched: int = 18  # held-out topic-matched harmless prompts (false refusals)
-    max_new_tokens: int = 32  # greedy response length
+    max_new_tokens: int = 64  # greedy response length (README: Generation length)
     kl_prompts: int = 24  # harmless prompts for KL(original || ablated)
     kl_tokens: int = (
         1  # teacher-forced tokens of the original greedy continuation (1 = first token)
