@@ -352,14 +352,19 @@ def measure_model_paths(loaded: Any, cfg: Any, sizes: Sizes, train_prompts: list
 
 def measure_edit_restore(loaded: Any, cfg: Any, repeats: int) -> float:
     """Seconds to edit every residual writer (scope=all) and restore it bit-exactly."""
-    from abliterate.ablation import apply_weight_ablation
+    from omegaconf import OmegaConf
+
+    from abliterate.ablation import apply_weight_ablation, effective_combine
     from abliterate.architectures import resolve_residual_writers
 
     writers = resolve_residual_writers(loaded.model)
     direction = torch.randn(1, writers.d_model, generator=torch.Generator().manual_seed(0))
+    ablation = OmegaConf.merge(
+        cfg.ablation, {"combine": effective_combine(cfg.ablation, cfg.extraction.orthogonalize)}
+    )
 
     def edit_and_restore() -> None:
-        with apply_weight_ablation(writers, direction, cfg.layer, cfg.ablation):
+        with apply_weight_ablation(writers, direction, cfg.layer, ablation):
             pass
 
     seconds, _ = median_time(edit_and_restore, repeats)
@@ -538,7 +543,7 @@ def run_synthetic(args: argparse.Namespace, sizes: Sizes, workdir: Path, note: C
 
     from abliterate.directions import extract_directions
     from abliterate.models import LoadedModel, choose_batch_size
-    from abliterate.pipeline import Session, run_trial
+    from abliterate.pipeline import Session, effective_extraction, run_trial
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -584,7 +589,7 @@ def run_synthetic(args: argparse.Namespace, sizes: Sizes, workdir: Path, note: C
     som_s, _ = median_time(
         lambda: extract_directions(
             harmful, harmful_categories, "unmatched", harmful.double().mean(0) * 0.5, None,
-            cfg.extraction, cfg.layer,
+            effective_extraction(cfg), cfg.layer,
         ),
         1,
     )  # fmt: skip

@@ -339,6 +339,18 @@ def _drop_degenerate(
     return kept
 
 
+def _som_seed(cfg: Any) -> int:
+    """The SOM's seed; ``extraction.seed: null`` must have been resolved to the trial's seed
+    (``pipeline.effective_extraction``): MiniSom would otherwise draw an unseeded, unrepeatable
+    initialisation."""
+    if cfg.seed is None:
+        raise ValueError(
+            "extraction.seed is null: resolve it to the trial's seed first "
+            "(abliterate.pipeline.effective_extraction)"
+        )
+    return int(cfg.seed)
+
+
 def _train_som(data: np.ndarray, cfg: Any) -> MiniSom:
     """MiniSom with the config's grid and schedule, seeded, initialised from the samples."""
     som = MiniSom(
@@ -349,7 +361,7 @@ def _train_som(data: np.ndarray, cfg: Any) -> MiniSom:
         learning_rate=cfg.learning_rate,
         neighborhood_function=cfg.neighborhood,
         topology=cfg.topology,
-        random_seed=cfg.seed,
+        random_seed=_som_seed(cfg),
     )
     som.random_weights_init(data)
     som.train_random(data, cfg.iterations)
@@ -379,13 +391,13 @@ def _train_soms_lockstep(datasets: Sequence[np.ndarray], cfg: Any) -> list[np.nd
         learning_rate=cfg.learning_rate,
         neighborhood_function=cfg.neighborhood,
         topology=cfg.topology,
-        random_seed=cfg.seed,
+        random_seed=_som_seed(cfg),
     )  # validates the options (and warns) exactly as _train_som does; its grid is reused below
     weights = np.empty((count, rows, cols, d_model))  # (maps, rows, cols, d_model)
     samples = np.empty((count, steps), dtype=np.int64)  # the sample each map learns at each step
     padded = np.zeros((count, max(len(data) for data in datasets), d_model))
     for index, data in enumerate(datasets):
-        generator = np.random.RandomState(cfg.seed)
+        generator = np.random.RandomState(_som_seed(cfg))
         generator.rand(rows, cols, d_model)  # MiniSom draws random initial weights first
         for flat in range(rows * cols):  # random_weights_init: one sample per neuron, C order
             weights[index].reshape(-1, d_model)[flat] = data[generator.randint(len(data))]
