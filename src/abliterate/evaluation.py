@@ -1,7 +1,8 @@
 """Evaluation: refusals on held-out harmful prompts, false refusals on harmless ones, and KL.
 
-- Greedy responses (batched, stopping early once every label is decided) are labelled
-  REFUSE / EVASIVE / COMPLY by :mod:`abliterate.classify`.
+- Greedy responses (batched; a row stops early only once the judge says no later token can
+  change its label) are labelled REFUSE / EVASIVE / COMPLY / INCOHERENT by the trial's judge
+  (:mod:`abliterate.judge`), in one batched call after generation.
 - KL(original || ablated) is teacher-forced over up to ``kl_tokens`` tokens of the original
   model's greedy continuation of harmless prompts (one forward pass per batch, no generation).
   The continuation ends where the original ends it (any of its end ids); the mean is over the
@@ -11,10 +12,11 @@
   tail bucket (an exact KL of the coarse distributions, and a lower bound of the full one), which
   keeps the stored reference small for long continuations (Petrov: top-100).
 - The unedited model's evaluation (its responses, labels, rates, the KL reference and the harmful
-  prompts' activations) is computed once per model x prompts x settings and cached on disk, so no
-  trial recomputes it.
-- The harmful prompts' residual activations (for the perturbation ratio) are read off the prefill
-  of the harmful set's generation, so measuring them costs no forward pass of its own.
+  and matched prompts' activations) is computed once per model x prompts x settings x judge and
+  cached on disk, so no trial recomputes it.
+- The harmful and matched prompts' residual activations (for the perturbation ratio and the
+  behavioural capture) are read off the prefill of the generation, so measuring them costs no
+  forward pass of its own.
 """
 
 from __future__ import annotations
