@@ -88,9 +88,17 @@ class Directions:
     def count(self) -> int:
         return self.vectors.shape[0]
 
-    def as_record(self) -> dict[str, Any]:
-        """The results contract's ``directions`` block."""
-        return {"count": self.count, "norms": list(self.norms), "degenerate": self.degenerate}
+    def as_record(self, relative_scales: Sequence[float] | None = None) -> dict[str, Any]:
+        """The results contract's ``directions`` block (``relative_scales``: the per-direction
+        scales of ``ablation.direction_norm=relative``, else null)."""
+        return {
+            "count": self.count,
+            "norms": list(self.norms),
+            "degenerate": self.degenerate,
+            "labels": list(self.labels),
+            "win_counts": self.win_counts,
+            "relative_scales": list(relative_scales) if relative_scales is not None else None,
+        }
 
 
 # ---------------------------------------------------------------------------------------------

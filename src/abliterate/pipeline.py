@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -89,15 +90,44 @@ def effective_extraction(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg.extraction, {"seed": int(seed)})  # type: ignore[return-value]
 
 
-def _timed(timing: dict[str, float], stage: str):
-    class _Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
+class _Stage:
+    note = ""  # what the stage's log line adds (cache hit or miss, counts)
 
-        def __exit__(self, *exc):
-            timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - self.start
 
-    return _Timer()
+class StageTimer:
+    """The one timer of a trial's stages: ``with timer.stage("activations"):`` adds the block's
+    wall time to ``timing["activations"]`` (and to ``also``, a stage that contains it) and logs
+    one INFO line with the stage's note; :meth:`finish` fills the stages that did not run (0.0)
+    and the total."""
+
+    STAGES = (
+        "load", "activations", "directions", "ablation", "evaluation", "baseline_evaluation",
+        "generation", "judge", "kl",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.timing[stage] = self.timing.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def stage(self, name: str, also: str | None = None) -> Iterator[_Stage]:
+        state = _Stage()
+        begin = time.perf_counter()
+        yield state
+        seconds = time.perf_counter() - begin
+        self.add(name, seconds)
+        if also is not None:
+            self.add(also, seconds)
+        log.info("%s: %.1f s%s", name, seconds, f" ({state.note})" if state.note else "")
+
+    def finish(self) -> dict[str, float]:
+        for stage in self.STAGES:
+            self.timing.setdefault(stage, 0.0)
+        self.timing["total"] = time.perf_counter() - self.start
+        return self.timing
 
 
 def count_model_layers(model_cfg: Any) -> int:
@@ -212,20 +242,59 @@ def _completion_rows(
     return rows
 
 
-def run_trial(
-    cfg: DictConfig, output_dir: str | Path | None = None, session: Session = SESSION
-) -> dict[str, Any]:
-    """Run one trial and write its records into ``output_dir``.
+@dataclass
+class TrialInputs:
+    """Stages 1-2: the prompt sets, the evaluation's prompts, the model and the tested layer."""
 
-    Returns:
-        The results dictionary (as written to results.json).
-    """
-    validate_config(cfg)
-    output_dir = Path(output_dir or cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config_hash = provenance.config_hash(cfg)
+    sets: dict[str, PromptSet]
+    eval_prompts: evaluation_stage.EvalPrompts
+    loaded: LoadedModel
+    writers: ResidualWriters
+    layer: int  # 0-based
+    num_layers: int
+
+
+@dataclass
+class TrainActivations:
+    """Stage 3: the training sets' activations, and the tested layer's rows as geometry reads them."""
+
+    sets: dict[str, activations_stage.Activations]
+    layer: geometry_stage.LayerActivations
+    cache_state: str  # "hit" when every set came from a cache
+
+    def unmatched_mean(self, layer: int) -> torch.Tensor:
+        return self.sets["unmatched_train"].mean(layer)  # (d_model,) float64
+
+    def matched_means(self, layer: int) -> dict[str, torch.Tensor]:
+        means = self.sets["matched_train"].category_means(layer)
+        return {c or "": m for c, m in means.items()}
+
+
+@dataclass
+class EditSettings:
+    """How the directions are applied: the ablation config with ``combine`` resolved, the
+    per-direction scales of ``direction_norm=relative`` and the mean activation norm."""
+
+    ablation: AblationConfig
+    scales: torch.Tensor | None
+    mean_norm: float
+
+
+@dataclass
+class EditedEvaluation:
+    """Stage 6: the edited model's labelled responses, its KL to the unedited model, and the
+    harmful set's activations during generation (for the perturbation ratio)."""
+
+    sets: dict[str, evaluation_stage.SetResult]
+    kl: float
+    harmful_activations: torch.Tensor | None
+
+
+def _resume(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """A finished trial's results when they can stand (same config hash and code version);
+    otherwise the old results are retired (kept as ``.superseded`` when stale) and None."""
     existing, stale = records.find_reusable_results(
-        output_dir, config_hash, provenance.code_version()
+        output_dir, provenance.config_hash(cfg), provenance.code_version()
     )
     if existing is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true reruns it)", output_dir)
@@ -239,66 +308,78 @@ def run_trial(
     if existing is not None or stale is not None:
         # a rerun that dies midway must not leave the old "complete" beside new files
         records.retire_results(output_dir)
-    timing: dict[str, float] = {}
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    return None
 
-    # 1-2. model and prompt sets; the layer (from the model's config file), the prompt sets and
-    # the evaluation's sizes are checked before any weights load
-    with _timed(timing, "load"):
-        if session.model_key != _key(cfg.model):
-            check_layer(cfg.layer, count_model_layers(cfg.model))
-        sets = _load_prompt_sets(cfg, session)
-        eval_prompts = evaluation_stage.select_eval_prompts(
-            sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
-        )
-        loaded = _load_model_stage(cfg, session)
-        writers = session.writers
-        assert writers is not None
-        num_layers = writers.num_layers
-        check_layer(cfg.layer, num_layers)
-        layer = cfg.layer % num_layers
 
-    # 3. activations
-    with _timed(timing, "activations"):
-        acts = {name: _collect(cfg, session, loaded, sets[name]) for name in TRAIN_SETS}
-        cache_state = "hit" if all(a.cache_hit for a in acts.values()) else "miss"
-    harmful = acts["harmful_train"]
-    harmful_layer = harmful.values[:, layer]  # (n_harmful, d_model)
-    harmful_categories = [c or "" for c in harmful.prompt_set.categories]
-    unmatched_mean = acts["unmatched_train"].mean(layer)  # (d_model,) float64
-    matched_means = {c or "": m for c, m in acts["matched_train"].category_means(layer).items()}
-
-    # 4. directions (memoised on everything they depend on: the model is the session's)
-    extraction = effective_extraction(cfg)
-    with _timed(timing, "directions"):
-        direction_key = provenance.digest(
-            {
-                "extraction": _key(extraction),
-                "baseline": cfg.baseline.name,
-                "layer": layer,
-                "prompts": [acts[name].prompt_set.fingerprint() for name in TRAIN_SETS],
-            }
-        )
-        if direction_key not in session.directions:
-            session.directions[direction_key] = directions_stage.extract_directions(
-                harmful_layer,
-                harmful_categories,
-                cfg.baseline.name,
-                unmatched_mean,
-                matched_means,
-                extraction,
-                layer,
-            )
-        directions = session.directions[direction_key]
-    mean_norm = float(
-        torch.cat([harmful_layer, acts["unmatched_train"].values[:, layer]])
-        .norm(dim=-1)
-        .double()
-        .mean()
+def _inputs_stage(cfg: DictConfig, session: Session) -> TrialInputs:
+    """1-2. Prompt sets and model; the layer (from the model's config file), the prompt sets and
+    the evaluation's sizes are checked before any weights load."""
+    if session.model_key != _key(cfg.model):
+        check_layer(cfg.layer, count_model_layers(cfg.model))
+    sets = _load_prompt_sets(cfg, session)
+    eval_prompts = evaluation_stage.select_eval_prompts(
+        sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
     )
-    scales = None
-    # combine=auto: merged for directions as extracted, subspace after SVD (ablation.py says why)
+    loaded = _load_model_stage(cfg, session)
+    writers = session.writers
+    assert writers is not None
+    check_layer(cfg.layer, writers.num_layers)
+    return TrialInputs(
+        sets, eval_prompts, loaded, writers, cfg.layer % writers.num_layers, writers.num_layers
+    )
+
+
+def _activations_stage(cfg: DictConfig, session: Session, inputs: TrialInputs) -> TrainActivations:
+    """3. Residual activations of the three training sets (cached on disk and in the session)."""
+    acts = {name: _collect(cfg, session, inputs.loaded, inputs.sets[name]) for name in TRAIN_SETS}
+    layer = inputs.layer
+    harmful, matched = acts["harmful_train"], acts["matched_train"]
+    rows = geometry_stage.LayerActivations(
+        harmful.values[:, layer],  # (n_harmful, d_model)
+        [c or "" for c in harmful.prompt_set.categories],
+        matched.values[:, layer],
+        [c or "" for c in matched.prompt_set.categories],
+        acts["unmatched_train"].values[:, layer],
+    )
+    cache_state = "hit" if all(a.cache_hit for a in acts.values()) else "miss"
+    return TrainActivations(acts, rows, cache_state)
+
+
+def _directions_stage(
+    cfg: DictConfig, session: Session, train: TrainActivations, layer: int
+) -> directions_stage.Directions:
+    """4. Refusal directions at the tested layer, memoised on everything they depend on (the
+    resolved extraction config, the baseline, the layer, the three training sets; the model is
+    the session's)."""
+    extraction = effective_extraction(cfg)
+    key = provenance.digest(
+        {
+            "extraction": _key(extraction),
+            "baseline": cfg.baseline.name,
+            "layer": layer,
+            "prompts": [train.sets[name].prompt_set.fingerprint() for name in TRAIN_SETS],
+        }
+    )
+    if key not in session.directions:
+        session.directions[key] = directions_stage.extract_directions(
+            train.layer.harmful,
+            train.layer.harmful_categories,
+            cfg.baseline.name,
+            train.unmatched_mean(layer),
+            train.matched_means(layer),
+            extraction,
+            layer,
+        )
+    return session.directions[key]
+
+
+def _edit_settings(
+    cfg: DictConfig, directions: directions_stage.Directions, train: TrainActivations
+) -> EditSettings:
+    """The ablation as it is applied: combine=auto resolved (merged for directions as extracted,
+    subspace after SVD; ablation.py says why) and the relative scales when asked for."""
+    rows = train.layer
+    mean_norm = float(torch.cat([rows.harmful, rows.unmatched]).norm(dim=-1).double().mean())
     # a DictConfig with AblationConfig's fields stands in for it (read by attribute only)
     ablation = cast(
         AblationConfig,
@@ -307,144 +388,190 @@ def run_trial(
             {"combine": effective_combine(cfg.ablation, cfg.extraction.orthogonalize)},
         ),
     )
+    scales = None
     if cfg.ablation.direction_norm == "relative" and len(directions.vectors):
         scales = torch.tensor(
             directions_stage.relative_scales(directions, mean_norm), dtype=torch.float32
         )
+    return EditSettings(ablation, scales, mean_norm)
 
-    # 5. the unedited model's evaluation (cached)
-    # (its generation also records the harmful prompts' activations, for the perturbation ratio)
+
+def _baseline_stage(
+    cfg: DictConfig, session: Session, inputs: TrialInputs, judge: Judge
+) -> tuple[evaluation_stage.BaselineEvaluation, bool]:
+    """5. The unedited model's evaluation (cached on disk and in the session; its generation
+    also records the harmful and matched prompts' activations). Returns it and whether the
+    session's memo had it."""
     position = cfg.extraction.position
-    with _timed(timing, "evaluation"), _timed(timing, "baseline_evaluation"):
-        judge = _judge_stage(cfg, session, loaded)
-        baseline_key = evaluation_stage.baseline_eval_key(
-            loaded, eval_prompts, cfg.eval, position, judge
+    key = evaluation_stage.baseline_eval_key(
+        inputs.loaded, inputs.eval_prompts, cfg.eval, position, judge
+    )
+    memo_hit = key in session.baselines
+    if not memo_hit:
+        session.baselines[key] = evaluation_stage.evaluate_baseline(
+            inputs.loaded, inputs.eval_prompts, cfg.eval, cfg.paths.cache_dir, position, judge
         )
-        baseline_memo_hit = baseline_key in session.baselines
-        if not baseline_memo_hit:
-            session.baselines[baseline_key] = evaluation_stage.evaluate_baseline(
-                loaded, eval_prompts, cfg.eval, cfg.paths.cache_dir, position, judge
-            )
-        baseline = session.baselines[baseline_key]
+    return session.baselines[key], memo_hit
 
-    # 6. ablate, evaluate, restore (the edit is undone bit-exactly when the block exits); the
-    # harmful set's generation also returns its activations, so the perturbation ratio needs no
-    # forward pass of its own
-    harmful_eval_acts = None
-    if len(directions.vectors):
-        begin = time.perf_counter()
-        with ExitStack() as stack:
-            stack.enter_context(
-                apply_ablation(loaded.model, writers, directions.vectors, layer, ablation, scales)
-            )
-            edited = time.perf_counter()
-            sets_result = evaluation_stage.evaluate_responses(
-                loaded, eval_prompts, cfg.eval, position, timing, judge
-            )
-            generated = time.perf_counter()
-            kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
-            evaluated = time.perf_counter()
-            harmful_eval_acts = sets_result["harmful"].activations
-        timing["ablation"] = (edited - begin) + (time.perf_counter() - evaluated)
-        timing["kl"] = evaluated - generated
-        timing["evaluation"] += evaluated - edited
-    else:
-        log.warning("no usable direction at layer %d: the ablated model is the original", layer)
-        sets_result, kl = baseline.sets, 0.0
-    original_eval_acts = baseline.harmful_activations
 
-    # 7. geometry, with its null baselines and the share of each direction the edit removes
-    geometry_start = time.perf_counter()
-    train = geometry_stage.LayerActivations(
-        harmful_layer,
-        harmful_categories,
-        acts["matched_train"].values[:, layer],
-        [c or "" for c in acts["matched_train"].prompt_set.categories],
-        acts["unmatched_train"].values[:, layer],
+def _edited_stage(
+    cfg: DictConfig,
+    inputs: TrialInputs,
+    directions: directions_stage.Directions,
+    edit: EditSettings,
+    baseline: evaluation_stage.BaselineEvaluation,
+    judge: Judge,
+    timer: StageTimer,
+) -> EditedEvaluation:
+    """6. Ablate, evaluate, measure KL, restore (the edit is undone bit-exactly when the block
+    exits). The harmful set's generation also returns its activations, so the perturbation
+    ratio needs no forward pass of its own."""
+    if not len(directions.vectors):
+        log.warning(
+            "no usable direction at layer %d: the ablated model is the original", inputs.layer
+        )
+        return EditedEvaluation(baseline.sets, 0.0, None)
+    loaded = inputs.loaded
+    begin = time.perf_counter()
+    with apply_ablation(
+        loaded.model, inputs.writers, directions.vectors, inputs.layer, edit.ablation, edit.scales
+    ):
+        edited = time.perf_counter()
+        sets = evaluation_stage.evaluate_responses(
+            loaded, inputs.eval_prompts, cfg.eval, cfg.extraction.position, timer.timing, judge
+        )
+        generated = time.perf_counter()
+        kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
+        evaluated = time.perf_counter()
+    timer.add("ablation", (edited - begin) + (time.perf_counter() - evaluated))
+    timer.add("kl", evaluated - generated)
+    timer.add("evaluation", evaluated - edited)
+    return EditedEvaluation(sets, kl, sets["harmful"].activations)
+
+
+def _geometry_stage(
+    cfg: DictConfig,
+    train: TrainActivations,
+    directions: directions_stage.Directions,
+    edit: EditSettings,
+    baseline: evaluation_stage.BaselineEvaluation,
+    edited: EditedEvaluation,
+    layer: int,
+) -> dict[str, Any]:
+    """7. Geometry, with its null baselines and the share of each direction the edit removes."""
+    original = baseline.harmful_activations
+    perturbation = (
+        geometry_stage.compute_perturbation_ratio(original, edited.harmful_activations, layer)
+        if edited.harmful_activations is not None and original is not None
+        else 0.0
     )
     geometry = geometry_stage.compute_trial_geometry(
-        train,
+        train.layer,
         directions.vectors,
         seed=int(cfg.seed),
         held_out=_held_out_activations(baseline, layer),
-        perturbation_ratio=geometry_stage.compute_perturbation_ratio(
-            original_eval_acts, harmful_eval_acts, layer
-        )
-        if harmful_eval_acts is not None and original_eval_acts is not None
-        else 0.0,
+        perturbation_ratio=perturbation,
     )
     geometry["removed_fraction"] = (
-        removed_fraction(directions.vectors, ablation, scales) if len(directions.vectors) else []
+        removed_fraction(directions.vectors, edit.ablation, edit.scales)
+        if len(directions.vectors)
+        else []
     )
-    geometry["mean_activation_norm"] = mean_norm
-    timing["geometry"] = time.perf_counter() - geometry_start
+    geometry["mean_activation_norm"] = edit.mean_norm
+    return geometry
 
-    # 8. records
-    records_start = time.perf_counter()
-    results = {
-        "trial": {
-            "model": cfg.model.path,
-            "model_name": cfg.model.name,
-            "baseline": cfg.baseline.name,
-            "extraction": cfg.extraction.method,
-            "orthogonalize": cfg.extraction.orthogonalize,
-            "layer": layer,
-            "weight": float(cfg.ablation.weight),
-            "scope": cfg.ablation.scope,
-            "combine": ablation.combine,
-            "combine_configured": cfg.ablation.combine,
-            "direction_norm": cfg.ablation.direction_norm,
-            "norm_preserving": bool(cfg.ablation.norm_preserving),
-            "embeddings": bool(cfg.ablation.embeddings),
-            "mode": cfg.ablation.mode,
-            "num_layers": num_layers,
-            "seed": int(cfg.seed),
-            "extraction_seed": int(extraction.seed),
-            "judge": judge.name,
-        },
-        "directions": {
-            "count": len(directions.vectors),
-            "norms": list(directions.norms),
-            "degenerate": directions.degenerate,
-            "labels": list(directions.labels),
-            "win_counts": directions.win_counts,
-            "relative_scales": scales.tolist() if scales is not None else None,
-        },
-        "baseline_eval": baseline.rates(),
-        "eval": evaluation_stage.summarize_evaluation(sets_result, kl, baseline, cfg.eval),
-        "geometry": geometry,
-        "cache": {
-            "activations": cache_state,
-            "baseline_eval": "hit" if baseline_memo_hit or baseline.cache_hit else "miss",
-        },
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "provenance": provenance.provenance_record(cfg, loaded.batch_size),
-    }
-    directions_stage.save_directions(
-        output_dir / records.DIRECTIONS_FILE,
-        directions,
-        {
-            "model": cfg.model.path,
-            "baseline": cfg.baseline.name,
-            "extraction": cfg.extraction.method,
-        },
-    )
-    records.write_completions(output_dir, _completion_rows(sets_result, baseline))
-    if cfg.export:
-        from abliterate.export import export_model
 
-        # hooks cannot be saved; as `ablation` above, a DictConfig stands in for AblationConfig
-        weights_mode = cast(AblationConfig, OmegaConf.merge(ablation, {"mode": "weights"}))
-        with apply_ablation(loaded.model, writers, directions.vectors, layer, weights_mode, scales):
-            export_model(loaded, output_dir / "model", results)
-    for stage in (
-        "load", "activations", "directions", "ablation", "evaluation", "baseline_evaluation",
-        "generation", "judge", "kl",
-    ):  # fmt: skip
-        timing.setdefault(stage, 0.0)
-    timing["records"] = time.perf_counter() - records_start  # results.json itself not included
-    timing["total"] = time.perf_counter() - start
-    results["timing_s"] = timing
+def _export_stage(
+    cfg: DictConfig,
+    inputs: TrialInputs,
+    directions: directions_stage.Directions,
+    edit: EditSettings,
+    output_dir: Path,
+    results: dict[str, Any],
+) -> None:
+    """``export=true``: save the edited model as a from_pretrained folder under the trial."""
+    from abliterate.export import export_model
+
+    # hooks cannot be saved; as in _edit_settings, a DictConfig stands in for AblationConfig
+    weights_mode = cast(AblationConfig, OmegaConf.merge(edit.ablation, {"mode": "weights"}))
+    with apply_ablation(
+        inputs.loaded.model,
+        inputs.writers,
+        directions.vectors,
+        inputs.layer,
+        weights_mode,
+        edit.scales,
+    ):
+        export_model(inputs.loaded, output_dir / "model", results)
+
+
+def run_trial(
+    cfg: DictConfig, output_dir: str | Path | None = None, session: Session = SESSION
+) -> dict[str, Any]:
+    """Run one trial, stage by stage as the module docstring lists them, and write its records
+    into ``output_dir``.
+
+    Returns:
+        The results dictionary (as written to results.json).
+    """
+    validate_config(cfg)
+    output_dir = Path(output_dir or cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    finished = _resume(cfg, output_dir)
+    if finished is not None:
+        return finished
+    timer = StageTimer()
+    torch.manual_seed(cfg.seed)
+    with timer.stage("load"):
+        inputs = _inputs_stage(cfg, session)
+    layer = inputs.layer
+    with timer.stage("activations") as stage:
+        train = _activations_stage(cfg, session, inputs)
+        stage.note = f"cache {train.cache_state}"
+    with timer.stage("directions") as stage:
+        directions = _directions_stage(cfg, session, train, layer)
+        stage.note = f"{directions.count} directions at layer {layer}"
+    edit = _edit_settings(cfg, directions, train)
+    with timer.stage("baseline_evaluation", also="evaluation") as stage:
+        judge = _judge_stage(cfg, session, inputs.loaded)
+        baseline, memo_hit = _baseline_stage(cfg, session, inputs, judge)
+        baseline_cache = "hit" if memo_hit or baseline.cache_hit else "miss"
+        stage.note = f"cache {baseline_cache}"
+    edited = _edited_stage(cfg, inputs, directions, edit, baseline, judge, timer)
+    with timer.stage("geometry"):
+        geometry = _geometry_stage(cfg, train, directions, edit, baseline, edited, layer)
+    with timer.stage("records"):  # results.json itself not included
+        results = records.build_results(
+            cfg,
+            layer=layer,
+            num_layers=inputs.num_layers,
+            combine=edit.ablation.combine,
+            extraction_seed=int(effective_extraction(cfg).seed),
+            judge=judge.name,
+            directions=directions.as_record(
+                edit.scales.tolist() if edit.scales is not None else None
+            ),
+            baseline_eval=baseline.rates(),
+            evaluation=evaluation_stage.summarize_evaluation(
+                edited.sets, edited.kl, baseline, cfg.eval
+            ),
+            geometry=geometry,
+            cache={"activations": train.cache_state, "baseline_eval": baseline_cache},
+            provenance=provenance.provenance_record(cfg, inputs.loaded.batch_size),
+        )
+        directions_stage.save_directions(
+            output_dir / records.DIRECTIONS_FILE,
+            directions,
+            {
+                "model": cfg.model.path,
+                "baseline": cfg.baseline.name,
+                "extraction": cfg.extraction.method,
+            },
+        )
+        records.write_completions(output_dir, _completion_rows(edited.sets, baseline))
+        if cfg.export:
+            _export_stage(cfg, inputs, directions, edit, output_dir, results)
+    results["timing_s"] = timer.finish()
     records.write_results(output_dir, results)
     return results
 

@@ -165,3 +165,55 @@ def _fmt(value: Any) -> str:
         if value is None or (isinstance(value, float) and not math.isfinite(value))
         else f"{value:.3f}"
     )
+
+
+def build_results(
+    cfg: Any,
+    *,
+    layer: int,
+    num_layers: int,
+    combine: str,
+    extraction_seed: int,
+    judge: str,
+    directions: dict[str, Any],
+    baseline_eval: dict[str, Any],
+    evaluation: dict[str, Any],
+    geometry: dict[str, Any],
+    cache: dict[str, str],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """The results contract's blocks for one trial (docs/results-contract.md), from its config
+    and what its stages measured; ``status``, ``schema_version`` and ``timing_s`` are added when
+    it is written."""
+    from omegaconf import OmegaConf
+
+    ablation = cfg.ablation
+    return {
+        "trial": {
+            "model": cfg.model.path,
+            "model_name": cfg.model.name,
+            "baseline": cfg.baseline.name,
+            "extraction": cfg.extraction.method,
+            "orthogonalize": cfg.extraction.orthogonalize,
+            "layer": layer,
+            "weight": float(ablation.weight),
+            "scope": ablation.scope,
+            "combine": combine,
+            "combine_configured": ablation.combine,
+            "direction_norm": ablation.direction_norm,
+            "norm_preserving": bool(ablation.norm_preserving),
+            "embeddings": bool(ablation.embeddings),
+            "mode": ablation.mode,
+            "num_layers": num_layers,
+            "seed": int(cfg.seed),
+            "extraction_seed": extraction_seed,
+            "judge": judge,
+        },
+        "directions": directions,
+        "baseline_eval": baseline_eval,
+        "eval": evaluation,
+        "geometry": geometry,
+        "cache": cache,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "provenance": provenance,
+    }
