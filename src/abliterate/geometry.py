@@ -758,21 +758,11 @@ class HeldOutActivations:
     matched_labels: list[str]
 
 
-def compute_trial_geometry(
-    train: LayerActivations,
-    vectors: torch.Tensor,
-    seed: int,
-    held_out: HeldOutActivations | None = None,
-    perturbation_ratio: float = math.nan,
-) -> dict[str, Any]:
-    """The ``geometry`` block of a trial's results (docs/results-contract.md).
-
-    The contrast geometry (norms, ratios, cosines) with its two null baselines beside it:
-    split-half reliability (how much of m_c and u_c is sampling noise) and the shuffled-category
-    null (what the statistics are when the matched set is another category's); the directions'
-    own geometry; capture on the training prompts and, when the held-out evaluation is given,
-    on held-out pairs chosen by behaviour.
-    """
+def compute_contrast_block(train: LayerActivations, seed: int) -> dict[str, Any]:
+    """The part of a trial's geometry that depends on the training activations and the seed
+    alone, not on the directions: the contrast statistics with their two null baselines
+    (split-half reliability, shuffled-category null). A sweep over weights or ablation settings
+    at one layer computes it once (the pipeline memoises it)."""
     contrast_args = (
         train.harmful,
         train.harmful_categories,
@@ -781,6 +771,39 @@ def compute_trial_geometry(
         train.unmatched,
     )
     contrast = compute_contrast_geometry(*contrast_args)
+    split_half = split_half_reliability(*contrast_args, seed=seed)
+    null = shuffled_category_null(*contrast_args, seed=seed)
+    return {
+        "norm_ratio_matched_to_unmatched": contrast["norm_ratio_matched_to_unmatched"],
+        "cos_matched_unmatched": contrast["cos_matched_unmatched"],
+        "cos_topic_unmatched": contrast["cos_topic_unmatched"],
+        "per_category": contrast.get("per_category", {}),
+        "split_half": {k: v for k, v in split_half.items() if k != "per_category"},
+        "shuffled_null": {
+            k: v for k, v in null.items() if k not in ("per_category", "null_values")
+        },
+    }
+
+
+def compute_trial_geometry(
+    train: LayerActivations,
+    vectors: torch.Tensor,
+    seed: int,
+    held_out: HeldOutActivations | None = None,
+    perturbation_ratio: float = math.nan,
+    contrast: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``geometry`` block of a trial's results (docs/results-contract.md).
+
+    The contrast geometry (norms, ratios, cosines) with its two null baselines beside it:
+    split-half reliability (how much of m_c and u_c is sampling noise) and the shuffled-category
+    null (what the statistics are when the matched set is another category's); the directions'
+    own geometry; capture on the training prompts and, when the held-out evaluation is given,
+    on held-out pairs chosen by behaviour. ``contrast``: :func:`compute_contrast_block` of the
+    same ``train`` and ``seed`` when already computed.
+    """
+    if contrast is None:
+        contrast = compute_contrast_block(train, seed)
     has_vectors = len(vectors) > 0
     geometry: dict[str, Any] = {
         "norm_ratio_matched_to_unmatched": contrast["norm_ratio_matched_to_unmatched"],
@@ -804,13 +827,9 @@ def compute_trial_geometry(
             else math.nan
         ),
         "perturbation_ratio": perturbation_ratio,
-        "per_category": contrast.get("per_category", {}),
-    }
-    split_half = split_half_reliability(*contrast_args, seed=seed)
-    null = shuffled_category_null(*contrast_args, seed=seed)
-    geometry["split_half"] = {k: v for k, v in split_half.items() if k != "per_category"}
-    geometry["shuffled_null"] = {
-        k: v for k, v in null.items() if k not in ("per_category", "null_values")
+        "per_category": contrast["per_category"],
+        "split_half": contrast["split_half"],
+        "shuffled_null": contrast["shuffled_null"],
     }
     geometry["behavioural_capture"] = math.nan
     geometry["behavioural_capture_pairs"] = 0

@@ -61,6 +61,7 @@ class Session:
     baselines: dict[str, evaluation_stage.BaselineEvaluation] = field(default_factory=dict)
     directions: dict[str, directions_stage.Directions] = field(default_factory=dict)
     judges: dict[str, Judge] = field(default_factory=dict)
+    contrasts: dict[str, dict[str, Any]] = field(default_factory=dict)  # geometry's contrast block
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -451,6 +452,7 @@ def _edited_stage(
 
 def _geometry_stage(
     cfg: DictConfig,
+    session: Session,
     train: TrainActivations,
     directions: directions_stage.Directions,
     edit: EditSettings,
@@ -465,12 +467,26 @@ def _geometry_stage(
         if edited.harmful_activations is not None and original is not None
         else 0.0
     )
+    # the contrast statistics and their nulls depend on the training rows and the seed only
+    contrast_key = provenance.digest(
+        {
+            "layer": layer,
+            "position": cfg.extraction.position,
+            "seed": int(cfg.seed),
+            "prompts": [train.sets[name].prompt_set.fingerprint() for name in TRAIN_SETS],
+        }
+    )
+    if contrast_key not in session.contrasts:
+        session.contrasts[contrast_key] = geometry_stage.compute_contrast_block(
+            train.layer, seed=int(cfg.seed)
+        )
     geometry = geometry_stage.compute_trial_geometry(
         train.layer,
         directions.vectors,
         seed=int(cfg.seed),
         held_out=_held_out_activations(baseline, layer),
         perturbation_ratio=perturbation,
+        contrast=session.contrasts[contrast_key],
     )
     geometry["removed_fraction"] = (
         removed_fraction(directions.vectors, edit.ablation, edit.scales)
@@ -539,7 +555,7 @@ def run_trial(
         stage.note = f"cache {baseline_cache}"
     edited = _edited_stage(cfg, inputs, directions, edit, baseline, judge, timer)
     with timer.stage("geometry"):
-        geometry = _geometry_stage(cfg, train, directions, edit, baseline, edited, layer)
+        geometry = _geometry_stage(cfg, session, train, directions, edit, baseline, edited, layer)
     with timer.stage("records"):  # results.json itself not included
         results = records.build_results(
             cfg,
