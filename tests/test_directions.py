@@ -387,7 +387,8 @@ def test_lockstep_soms_are_bit_identical_to_one_minisom_per_category(neighborhoo
     arithmetic. Unequal category sizes exercise the per-map sample orders."""
     import numpy as np
 
-    from abliterate.directions import _train_som, _train_soms_lockstep
+    from abliterate.som import train_som as _train_som
+    from abliterate.som import train_soms_lockstep as _train_soms_lockstep
 
     sigma = 1.0 if neighborhood in ("bubble", "triangle") else 0.4
     cfg = _cfg(neighborhood=neighborhood, topology=topology, sigma=sigma, iterations=150)
