@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import signal
@@ -138,3 +140,217 @@ def test_lock_timeout_default_comes_from_config_then_environment(monkeypatch):
     monkeypatch.setenv(cache.LOCK_TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match="ABLITERATE_LOCK_TIMEOUT='soon'"):
         cache.default_lock_timeout()
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_staging(tmp_path):
+    path = tmp_path / "results.json"
+    cache.write_text_atomic(path, lambda handle: handle.write("first"))
+    cache.write_text_atomic(path, lambda handle: handle.write("second"))
+    assert path.read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_atomic_write_failure_cleans_up_and_keeps_the_old_content(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text("earlier")
+
+    def half_then_fail(handle):
+        handle.write("half")
+        raise ValueError("the writer failed")
+
+    with pytest.raises(ValueError, match="the writer failed"):
+        cache.write_text_atomic(path, half_then_fail)
+    assert path.read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+    def full_disk(_descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*results\.json: No space left") as error:
+        cache.write_text_atomic(path, lambda handle: handle.write("new"))
+    assert error.value.errno == errno.ENOSPC
+    assert path.read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_safetensors_full_disk_is_the_same_one_line_error(tmp_path, monkeypatch):
+    import torch
+
+    path = tmp_path / "directions.safetensors"
+    cache.save_safetensors_atomic(path, {"vectors": torch.ones(2, 3)}, {"layer": "1"})
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["vectors"], torch.ones(2, 3))
+    real_write = Path.write_bytes
+
+    def full_disk(self, data):
+        real_write(self, data[: len(data) // 2])  # part of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*directions\.safetensors: No space"):
+        cache.save_safetensors_atomic(path, {"vectors": torch.zeros(2, 3)})
+    monkeypatch.undo()
+    assert torch.equal(load_file(str(path))["vectors"], torch.ones(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["directions.safetensors"]
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
+    return process.pid
+
+
+def test_stale_staging_is_swept_when_the_cache_is_opened(tmp_path):
+    root = tmp_path / "activations"
+    root.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    dead = root / f".abc.{cache.HOST}.{_dead_pid()}.tmp"
+    live = root / f".def.{cache.HOST}.{os.getpid()}.tmp"
+    elsewhere_fresh = root / ".ghi.node-elsewhere.cluster.123.tmp"
+    elsewhere_old = root / ".jkl.node-elsewhere.cluster.123.tmp"
+    legacy_old = root / "mno.safetensors.tmp-4242"
+    entry = root / "0123456789abcdef0123"
+    for path in (dead, live, elsewhere_fresh, elsewhere_old, legacy_old):
+        path.write_text("partial")
+    dead_dir = root / f".pqr.{cache.HOST}.{_dead_pid()}.tmp"
+    (dead_dir / "nested").mkdir(parents=True)
+    entry.mkdir()
+    for path in (elsewhere_old, legacy_old):
+        os.utime(path, (two_days_ago, two_days_ago))
+    os.utime(entry, (two_days_ago, two_days_ago))  # an entry is never staging, however old
+
+    cache.DiskCache(tmp_path, "activations")
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted([live.name, elsewhere_fresh.name, entry.name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksummed entries
+
+
+class Builder:
+    """A cache entry's create/load pair that counts its builds."""
+
+    def __init__(self, text: str = "payload"):
+        self.text = text
+        self.builds = 0
+
+    def create(self, directory: Path) -> str:
+        self.builds += 1
+        (directory / "data.txt").write_text(self.text)
+        (directory / "sub").mkdir()
+        (directory / "sub" / "more.json").write_text(json.dumps({"n": self.builds}))
+        return self.text
+
+    @staticmethod
+    def load(directory: Path) -> str:
+        return (directory / "data.txt").read_text()
+
+
+def test_entry_is_built_once_then_read_back_verified(tmp_path):
+    builder = Builder()
+    disk = cache.DiskCache(tmp_path, "things")
+    assert disk.get_or_create("k1", builder.load, builder.create) == ("payload", False)
+    assert disk.get_or_create("k1", builder.load, builder.create) == ("payload", True)
+    assert builder.builds == 1
+    manifest = json.loads((tmp_path / "things" / "k1" / cache.MANIFEST).read_text())
+    assert set(manifest["files"]) == {"data.txt", "sub/more.json"}
+    assert manifest["files"]["data.txt"]["sha256"] == cache.file_sha256(
+        tmp_path / "things" / "k1" / "data.txt"
+    )
+    # no staging and no holder file left (the lock file itself may stay)
+    assert set(p.name for p in (tmp_path / "things").iterdir()) <= {"k1", "k1.lock"}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_checksum_mismatch_rebuilds_with_one_warning(tmp_path, caplog, damage):
+    builder = Builder()
+    disk = cache.DiskCache(tmp_path, "things")
+    disk.get_or_create("k1", builder.load, builder.create)
+    entry = tmp_path / "things" / "k1"
+    data = entry / "sub" / "more.json"
+    if damage == "flip":  # same size, other bytes: only the sha256 sees it
+        data.write_text(data.read_text().replace("1", "7"))
+    elif damage == "truncate":
+        data.write_text("")
+    elif damage == "delete":
+        data.unlink()
+    else:
+        (entry / cache.MANIFEST).write_text("{not json")
+    cache._verified.clear()  # as in a new process (a changed file is re-hashed anyway)
+    caplog.set_level(logging.WARNING, logger="abliterate.cache")
+    assert disk.get_or_create("k1", builder.load, builder.create) == ("payload", False)
+    assert builder.builds == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"cache entry {entry} is damaged")
+    assert cache.verify_entry(entry) is None  # the rebuilt entry is intact
+    assert disk.get_or_create("k1", builder.load, builder.create) == ("payload", True)
+
+
+def test_an_entry_that_does_not_load_is_rebuilt(tmp_path, caplog):
+    builder = Builder()
+    disk = cache.DiskCache(tmp_path, "things")
+    disk.get_or_create("k1", builder.load, builder.create)
+
+    def broken_load(_directory):
+        raise KeyError("tensor")
+
+    caplog.set_level(logging.WARNING, logger="abliterate.cache")
+    value, hit = disk.get_or_create("k1", broken_load, builder.create)
+    assert (value, hit, builder.builds) == ("payload", False, 2)
+    assert "does not load (KeyError" in caplog.text
+
+
+def test_entry_without_manifest_is_adopted_only_where_allowed(tmp_path, caplog):
+    legacy = tmp_path / "things" / "old"
+    legacy.mkdir(parents=True)
+    (legacy / "data.txt").write_text("from an earlier version")
+    builder = Builder()
+    caplog.set_level(logging.INFO, logger="abliterate.cache")
+    adopting = cache.DiskCache(tmp_path, "things", adopt=True)
+    assert adopting.get_or_create("old", builder.load, builder.create) == (
+        "from an earlier version",
+        True,
+    )
+    assert builder.builds == 0
+    manifest = json.loads((legacy / cache.MANIFEST).read_text())
+    assert manifest["adopted"] is True and list(manifest["files"]) == ["data.txt"]
+    assert "predates checksums" in caplog.text
+
+    (legacy / cache.MANIFEST).unlink()
+    strict = cache.DiskCache(tmp_path, "things")
+    assert strict.get_or_create("old", builder.load, builder.create) == ("payload", False)
+    assert "it has no manifest" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock support
+
+
+def test_check_lock_support_passes_on_a_local_directory(tmp_path):
+    cache._check_lock_support.cache_clear()
+    cache.check_lock_support(tmp_path / "cache")
+    assert (tmp_path / "cache").is_dir()
+    assert list((tmp_path / "cache").iterdir()) == []  # the probe cleans up
+
+
+def test_check_lock_support_fails_with_one_line_naming_cache_dir(tmp_path, monkeypatch):
+    cache._check_lock_support.cache_clear()
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    with pytest.raises(ConfigError, match=r"^paths\.cache_dir='.*file/cache' does not support"):
+        cache.check_lock_support(in_the_way / "cache")
+    # a file system whose locks do not exclude another process (simulated: the second
+    # process's attempt succeeds)
+    monkeypatch.setattr(cache, "_PROBE_SCRIPT", "import sys; sys.exit(3)")
+    with pytest.raises(ConfigError) as error:
+        cache.check_lock_support(tmp_path / "nfs")
+    assert "a second process acquired a lock this process held" in str(error.value)
+    assert "\n" not in str(error.value)
+    cache._check_lock_support.cache_clear()
