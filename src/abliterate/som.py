@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from minisom import MiniSom
+from tqdm.auto import tqdm
 
 
 def som_seed(cfg: Any) -> int:
@@ -84,7 +85,7 @@ def train_soms_lockstep(datasets: Sequence[np.ndarray], cfg: Any) -> list[np.nda
     xx_t, yy_t = reference._xx.T, reference._yy.T  # (rows, cols) neuron coordinates
     neigx, neigy = reference._neigx, reference._neigy
     maps = np.arange(count)
-    for t in range(steps):
+    for t in tqdm(range(steps), desc=f"SOM x{count}", leave=False, mininterval=0.5):
         x = padded[maps, samples[:, t]]  # (maps, d_model)
         difference = np.subtract(x[:, None, None, :], weights)  # (maps, rows, cols, d_model)
         distances = np.linalg.norm(difference, axis=-1).reshape(count, -1)  # (maps, neurons)
