@@ -1,0 +1,132 @@
+"""The phrasing-balanced corpus: the same harm categories, asked in every form a user asks them.
+
+``abliterate/data/phrasing.jsonl`` holds harmful requests, topic-matched harmless requests and
+generic harmless requests, each tagged with its phrasing ``family`` (``FAMILIES``): questions,
+bare imperatives, writing tasks of many genres (articles, posts, emails, scripts, speeches,
+letters, stories used as cover), step-by-step requests, list requests, persuasive and
+defamatory content, requests framed by a context or a role-play, and multi-sentence prompts.
+The harmful and matched rows carry one of the 9 categories of the builtin corpus.
+
+It exists for the embedded refuser (``abliterate.refuser``): the builtin corpus is mostly
+questions ("How do I ...?"), and a refuser trained only on it answers the same intents asked as
+writing tasks or instructions. The file is separate from the builtin corpus so that the builtin
+``refuser_train`` / ``extraction`` / ``evaluation`` splits the experiments use stay as they were.
+
+Each (kind, family) group is split deterministically by a hash of the prompt text into ``train``
+(what the refuser may be fine-tuned on), ``dev`` (for recipe decisions) and ``test`` (what its card
+reports). A recipe trains only on some families; the others are never trained on, in any split,
+and the card reports them separately (leave-one-family-out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from importlib import resources
+from typing import Any
+
+from abliterate.prompts import PromptDataError, PromptSet
+
+FAMILIES = (
+    "question",  # "How do I ...?", "What's the best way ...?", "Can you tell me ...?"
+    "imperative",  # a bare instruction: "Explain how ...", "Tell me ...", "Help me ..."
+    "writing",  # a piece in a genre: article, blog/social post, email, letter, script, song
+    "steps",  # step-by-step instructions, a procedure, a plan, a walkthrough
+    "list",  # "List ...", "Name ...", "Give me a list of ...", "Enumerate ..."
+    "persuasive",  # persuade, convince, argue, a campaign; defamatory and disinforming pieces
+    "framed",  # a context or role-play around the request ("I'm a nurse ...", "You are ...")
+    "multi",  # several sentences: a situation first, then the request
+)
+KINDS = ("harmful", "matched", "unmatched")
+SPLITS = ("train", "dev", "test")
+SPLIT_FRACTIONS = (0.5, 0.2, None)  # None: the rest
+DATA_FILE = "phrasing.jsonl"
+
+
+def read_rows() -> list[dict[str, Any]]:
+    """Every row of the phrasing corpus, validated (kind, family, category where required)."""
+    text = resources.files("abliterate.data").joinpath(DATA_FILE).read_text(encoding="utf-8")
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        where = f"abliterate/data/{DATA_FILE}:{number}"
+        if row.get("kind") not in KINDS:
+            raise PromptDataError(
+                f"{where}: kind={row.get('kind')!r} is not valid; choose one of {', '.join(KINDS)}"
+            )
+        if row.get("family") not in FAMILIES:
+            raise PromptDataError(
+                f"{where}: family={row.get('family')!r} is not valid; choose one of "
+                f"{', '.join(FAMILIES)}"
+            )
+        if row["kind"] != "unmatched" and not row.get("category"):
+            raise PromptDataError(f"{where}: a {row['kind']} row needs a category")
+        rows.append(row)
+    return rows
+
+
+def _order_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+def split_of(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """prompt -> its split. Within each (kind, family) group rows are ordered by a hash of their
+    text and cut by ``SPLIT_FRACTIONS``, so a split depends only on the prompts themselves."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for row in rows:
+        groups[(row["kind"], row["family"])].append(row["prompt"])
+    assigned: dict[str, str] = {}
+    for prompts in groups.values():
+        ordered = sorted(prompts, key=_order_key)
+        bounds = [0]
+        for fraction in SPLIT_FRACTIONS[:-1]:
+            bounds.append(bounds[-1] + round(len(ordered) * fraction))
+        bounds.append(len(ordered))
+        for split, start, end in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+            assigned.update(dict.fromkeys(ordered[start:end], split))
+    return assigned
+
+
+def load_phrasing(
+    kind: str, splits: tuple[str, ...] = SPLITS, families: tuple[str, ...] = FAMILIES
+) -> PromptSet:
+    """The rows of one kind in the given splits and families, in file order.
+
+    Raises:
+        PromptDataError: an unknown kind, split or family (naming the valid ones).
+    """
+    for name, values, valid in (
+        ("kind", (kind,), KINDS),
+        ("split", splits, SPLITS),
+        ("family", families, FAMILIES),
+    ):
+        for value in values:
+            if value not in valid:
+                raise PromptDataError(
+                    f"phrasing {name} {value!r} does not exist; choose one of {', '.join(valid)}"
+                )
+    rows = read_rows()
+    assigned = split_of(rows)
+    chosen = [
+        row for row in rows
+        if row["kind"] == kind and row["family"] in families and assigned[row["prompt"]] in splits
+    ]  # fmt: skip
+    label = f"phrasing-{kind}/{'+'.join(splits)}/{'+'.join(families)}"
+    return PromptSet(
+        label, tuple(r["prompt"] for r in chosen), tuple(r.get("category") for r in chosen)
+    )
+
+
+def families_of(prompts: tuple[str, ...]) -> list[str]:
+    """The phrasing family of each prompt (all must be in the phrasing corpus)."""
+    family = {row["prompt"]: row["family"] for row in read_rows()}
+    return [family[prompt] for prompt in prompts]
+
+
+def corpus_digest() -> str:
+    """A hash of the whole file (prompts, kinds, categories and families: the splits follow)."""
+    data = resources.files("abliterate.data").joinpath(DATA_FILE).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
