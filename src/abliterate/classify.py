@@ -70,6 +70,15 @@ class CoherenceThresholds:
     max_repeat_fraction: float = 0.5
     min_words: int = 3
 
+    def __post_init__(self) -> None:
+        # NaN compares false with everything: a NaN threshold would pass or fail every response
+        if not math.isfinite(self.min_bigram_entropy) or self.min_bigram_entropy < 0:
+            raise ValueError(f"min_bigram_entropy={self.min_bigram_entropy!r} must be >= 0 bits")
+        if not 0 < self.max_repeat_fraction <= 1:  # also false for NaN
+            raise ValueError(f"max_repeat_fraction={self.max_repeat_fraction!r} must be in (0, 1]")
+        if self.min_words < 0:
+            raise ValueError(f"min_words={self.min_words!r} must be >= 0")
+
 
 def is_coherent(text: str, thresholds: CoherenceThresholds = CoherenceThresholds()) -> bool:
     words = _WORD.findall(text)

@@ -8,6 +8,7 @@ value and the valid ones.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -153,6 +154,9 @@ class LoggerConfig:
 class PathsConfig:
     cache_dir: str = "${oc.env:ABLITERATE_CACHE,${oc.env:HOME}/.cache/abliterate}"
     output_dir: str = "${hydra:runtime.output_dir}"
+    # seconds a job waits for a cache lock before failing with the lock's holder named;
+    # null: $ABLITERATE_LOCK_TIMEOUT, else 1800
+    lock_timeout_s: float | None = None
 
 
 @dataclass
@@ -239,6 +243,13 @@ def validate_config(cfg: Any) -> None:
     top_k = _get(cfg, "extraction.top_k")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"extraction.top_k={top_k!r} must be >= 1 or null")
+    kl_top_k = _get(cfg, "eval.kl_top_k")
+    if kl_top_k is not None and kl_top_k < 1:
+        # k = 0 would keep only the tail bucket, whose mass is 1 under both models: KL exactly 0
+        raise ConfigError(
+            f"eval.kl_top_k={kl_top_k!r} must be >= 1 (the original's top-k tokens plus a tail "
+            "bucket), or null (the full vocabulary)"
+        )
     if _get(cfg, "eval.kl_tokens") < 1:
         raise ConfigError(f"eval.kl_tokens={_get(cfg, 'eval.kl_tokens')!r} must be >= 1")
     if _get(cfg, "model.batch_size") < 0:
@@ -259,6 +270,12 @@ def validate_config(cfg: Any) -> None:
         value = _get(cfg, key)
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value!r} must be a finite number > 0")
+    _validate_judge(cfg)
+    _validate_objectives(_get(cfg, "objectives"))
+    for key in ("logger.init_timeout_s", "logger.finish_timeout_s"):
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
     for name in PROMPT_SETS:
         source = _get(cfg, f"data.{name}.source")
         if source not in PROMPT_SOURCES:
@@ -308,6 +325,92 @@ def validate_config(cfg: Any) -> None:
             f"data.categories has unknown categories {unknown}; the builtin corpus has "
             f"{', '.join(HARM_CATEGORIES)}"
         )
+
+
+# The judge's numeric settings (judge.<key> >= 1); validate_judge_config checks its names.
+JUDGE_COUNTS: tuple[str, ...] = ("batch_size", "max_length", "max_new_tokens", "max_response_chars")
+
+
+def _validate_judge(cfg: Any) -> None:
+    """The judge config, checked here (before any weights load) rather than when it is built."""
+    from abliterate.judge.config import validate_judge_config
+
+    judge = _get(cfg, "judge")
+    try:
+        validate_judge_config(judge)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for key in JUDGE_COUNTS:
+        value = _get(judge, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"judge.{key}={value!r} must be a whole number >= 1")
+    name, model, source = _get(judge, "name"), _get(judge, "model"), _get(judge, "source")
+    if name == "classifier" and not model:
+        raise ConfigError("judge=classifier needs judge.model=<hub id or local folder>")
+    if name == "llm" and source != "embedded" and not model:
+        raise ConfigError("judge=llm needs judge.model=<hub id or dir> or judge.source=embedded")
+
+
+# What `objectives` may name: the numeric scalars of results.json (docs/results-contract.md).
+# tests/test_reliability.py checks that a real trial's results.json holds every one of them.
+_OUTCOME_NAMES: tuple[str, ...] = ("REFUSE", "EVASIVE", "COMPLY", "INCOHERENT")
+OBJECTIVE_KEYS: tuple[str, ...] = (
+    *(
+        f"eval.{key}"
+        for key in (
+            "n_harmful", "n_harmless", "n_matched", "n_kl_prompts", "refusals",
+            "baseline_refusals", "refusal_rate", "evasive_rate", "comply_rate",
+            "incoherent_rate", "harmless_refusals", "harmless_refusal_rate",
+            "harmless_evasive_rate", "matched_harmless_refusals",
+            "matched_harmless_refusal_rate", "refusals_removed", "kl_divergence", "efficiency",
+        )
+    ),
+    *(f"eval.outcomes.{outcome}" for outcome in _OUTCOME_NAMES),
+    *(f"eval.harmless_outcomes.{outcome}" for outcome in _OUTCOME_NAMES),
+    *(f"eval.matched_outcomes.{outcome}" for outcome in _OUTCOME_NAMES),
+    *(
+        f"baseline_eval.{key}"
+        for key in (
+            "n_harmful", "refusal_rate", "n_harmless", "harmless_refusal_rate", "n_matched",
+            "matched_harmless_refusal_rate",
+        )
+    ),
+    *(f"baseline_eval.outcomes.{outcome}" for outcome in _OUTCOME_NAMES),
+    "directions.count",
+    "directions.degenerate",
+    *(
+        f"geometry.{key}"
+        for key in (
+            "norm_ratio_matched_to_unmatched", "cos_matched_unmatched", "cos_topic_unmatched",
+            "capture", "perturbation_ratio", "mean_activation_norm", "behavioural_capture",
+        )
+    ),
+    *(
+        f"timing_s.{key}"
+        for key in (
+            "load", "activations", "directions", "baseline_evaluation", "ablation",
+            "generation", "judge", "kl", "evaluation", "geometry", "records", "total",
+        )
+    ),
+)  # fmt: skip
+
+
+def _validate_objectives(objectives: Any) -> None:
+    """Every ``objectives`` entry names a number of results.json, checked before the trial runs
+    (a typo used to surface only after the whole trial, when the value was looked up)."""
+    if not objectives:
+        raise ConfigError(
+            "objectives=[] names no value; give at least one results.json key, e.g. "
+            "objectives=[eval.refusal_rate]"
+        )
+    for entry in objectives:
+        if entry not in OBJECTIVE_KEYS:
+            close = difflib.get_close_matches(str(entry), OBJECTIVE_KEYS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"objectives entry {entry!r} is not a number of results.json{hint}; valid: "
+                f"{', '.join(OBJECTIVE_KEYS)}"
+            )
 
 
 # Trial directory names (hydra.sweep.subdir). A file-system path component holds at most 255
