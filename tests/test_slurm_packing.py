@@ -270,3 +270,41 @@ def test_failing_trial_leaves_its_pack_mates_complete(tiny_sweep, tmp_path):
         job_log.count("[pack] trial") == 3
         and "3/3 #2 experiment=slurm_test layer=1: done" in job_log
     )
+
+
+@needs_slurm
+def test_two_launches_of_one_sweep_never_run_a_trial_at_the_same_time(tiny_sweep, tmp_path):
+    sweep = tiny_sweep("ablation.weight=0.25,0.5,0.75,1.0")
+    probe, release = tmp_path / "probe.jsonl", tmp_path / "release"
+    packing = ["hydra.launcher.trials_per_job=4"]
+    # launch A holds its first trial (under that trial's lock) until `release` exists
+    first, first_log = sweep.start(*packing, *_probe_args(probe, "A", "weight=0.25", release))
+    _wait_for(lambda: _events(probe, "held") or first.poll() is not None, LAUNCH_TIMEOUT_S,
+              "launch A to hold its first trial")  # fmt: skip
+    assert _events(probe, "held"), first_log.read_text()
+    # launch B of the same sweep while A runs: it must skip the held trial at once (not wait for
+    # it) and run the three others
+    second, second_log = sweep.start(*packing, *_probe_args(probe, "B"))
+    code_b = sweep.finish(second, second_log)
+    assert first.poll() is None, "launch A ended while its trial was held"
+    release.touch()
+    code_a = sweep.finish(first, first_log)
+
+    output_b = second_log.read_text()
+    assert code_b != 0 and "1 of 4 trials failed" in output_b, output_b[-3000:]
+    assert "ablation.weight=0.25: error: " in output_b and "is being run by" in output_b
+    assert code_a == 0, first_log.read_text()[-3000:]
+    trials = _trial_dirs(sweep.dir)
+    assert len(trials) == 4 and all(_results(t) is not None for t in trials)
+    runs = _events(probe, "trial")
+    ran = sorted((e["dir"], e["tag"]) for e in runs if e["ran"])
+    # each trial ran exactly once: the held one by A, the others by B (A then read them back)
+    assert [tag for _, tag in ran] == ["A", "B", "B", "B"], ran
+    assert len({d for d, _ in ran}) == 4
+    # and no two calls for one trial overlapped in time, whichever launch made them
+    for trial in {e["dir"] for e in runs}:
+        spans = sorted((e["start"], e["end"]) for e in runs if e["dir"] == trial)
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end <= start, f"{trial} ran twice at once: {spans}"
+    job_logs = sweep.job_logs()
+    assert job_logs.count("is being run by") == 1, job_logs[-3000:]

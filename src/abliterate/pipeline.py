@@ -609,22 +609,43 @@ def main(cfg: DictConfig) -> float | list[float]:
     Tracking starts before the trial (W&B sees its duration and whether it failed), logs only
     after results.json is written, and ends in ``finally``; a W&B failure is a warning.
     """
-    from abliterate import tracking
+    from contextlib import ExitStack
+
+    from hydra.errors import CompactHydraException
+
+    from abliterate import cache, tracking
 
     validate_config(cfg)  # a typo fails before a W&B run is started for it
     output_dir = Path(cfg.paths.output_dir)
-    reusable, _ = records.find_reusable_results(
-        output_dir, provenance.config_hash(cfg), provenance.code_version()
-    )
-    skipped = reusable is not None and not cfg.force
-    tracker = tracking.Tracker() if skipped else tracking.start_tracking(cfg, output_dir)
-    exit_code = 1
-    try:
-        results = run_trial(cfg, output_dir)
-        print(records.format_summary(results), flush=True)
-        tracker.log_trial(output_dir)
-        exit_code = 0
-    finally:
-        tracker.finish(exit_code)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as trial_lock:
+        # one run of a trial at a time, whichever launch or job asks: a trial that another live
+        # process is running is not waited for (that can take the whole trial) but skipped here,
+        # as a failure of this launch; the relaunch after that job ends reads its result back
+        lock_path = output_dir / ".trial.lock"
+        try:
+            trial_lock.enter_context(
+                cache.file_lock(lock_path, timeout_s=0, what=f"trial {output_dir}")
+            )
+        except cache.LockTimeout:
+            holder = cache.read_holder(lock_path)
+            raise CompactHydraException(
+                f"error: {output_dir} is being run by "
+                f"{holder.describe() if holder else 'another process'} (lock {lock_path}); not "
+                "run here: relaunch after that job ends (if that job is gone, delete the lock)"
+            ) from None
+        reusable, _ = records.find_reusable_results(
+            output_dir, provenance.config_hash(cfg), provenance.code_version()
+        )
+        skipped = reusable is not None and not cfg.force
+        tracker = tracking.Tracker() if skipped else tracking.start_tracking(cfg, output_dir)
+        exit_code = 1
+        try:
+            results = run_trial(cfg, output_dir)
+            print(records.format_summary(results), flush=True)
+            tracker.log_trial(output_dir)
+            exit_code = 0
+        finally:
+            tracker.finish(exit_code)
     values = [select_objective(results, key) for key in cfg.objectives]
     return values[0] if len(values) == 1 else values
