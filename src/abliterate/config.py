@@ -43,6 +43,9 @@ class ModelConfig:
     gguf_file: str | None = None  # file name inside `path` when source=gguf and path is a directory
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    # a model larger than one device: auto | balanced | sequential (accelerate spreads the layers
+    # over the visible GPUs, then the CPU) or one device; null: the whole model on `device`
+    device_map: str | None = None
     trust_remote_code: bool = False  # only run a model's own Python code when asked to
     allow_pickle: bool = False  # load .bin (pickle) checkpoints; default: safetensors only
     revision: str | None = None  # hub revision (branch, tag or commit)

@@ -126,11 +126,12 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
     """
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    placement = _device_map_option(cfg)  # {} or {"device_map": ...}: accelerate places layers
     if cfg.source == "embedded":
         from abliterate.refuser import ensure_refuser
 
         directory = ensure_refuser(Path(cache_dir))
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         identity = model_identity("embedded", directory)
     elif cfg.source == "gguf":
@@ -158,6 +159,7 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
             revision=cfg.revision,
             # pickled (.bin) checkpoints can run code on load: only when explicitly allowed
             use_safetensors=None if cfg.allow_pickle else True,
+            **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
@@ -167,8 +169,12 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         raise ValueError(
             f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
         )
-    # transformers' stubs type the decorated .to() wrongly
-    model.to(device)  # type: ignore[arg-type]
+    if placement:
+        # inputs go where the embedding is
+        device = cast(torch.device, model.get_input_embeddings().weight.device)
+    else:
+        # transformers' stubs type the decorated .to() wrongly
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(
@@ -181,6 +187,34 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         disable_thinking=cfg.disable_thinking,
         batch_size=cfg.batch_size or choose_batch_size(model, device),
     )
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map_option(cfg: Any) -> dict[str, Any]:
+    """``model.device_map`` as a ``from_pretrained`` option, checked before any weights load.
+
+    null: the whole model on ``model.device``. Otherwise accelerate places the layers: one of
+    DEVICE_MAPS (spread over every visible GPU, then the CPU) or one device (``cpu``, ``cuda:1``).
+    """
+    device_map = getattr(cfg, "device_map", None)
+    if device_map is None:
+        return {}
+    if cfg.source == "gguf":
+        raise ConfigError(
+            f"model.device_map={device_map!r} is for model.source=hub or embedded; a GGUF model "
+            "loads on model.device (set model.device_map=null)"
+        )
+    if device_map not in DEVICE_MAPS:
+        try:
+            torch.device(device_map)
+        except (RuntimeError, TypeError):
+            raise ConfigError(
+                f"model.device_map={device_map!r} is not valid; choose one of "
+                f"{', '.join(DEVICE_MAPS)}, a device (cpu, cuda, cuda:N) or null"
+            ) from None
+    return {"device_map": device_map}
 
 
 @contextlib.contextmanager

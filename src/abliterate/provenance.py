@@ -113,8 +113,14 @@ def result_config(cfg: Any) -> dict[str, Any]:
         # a DictConfig's keys are typed as any DictKeyType; a run config's keys are all str
         keys = cast(list[str], [k for k in cfg if k not in NON_RESULT_KEYS])
         kept = OmegaConf.masked_copy(cfg, keys)
-        return OmegaConf.to_container(kept, resolve=True)  # type: ignore[return-value]
-    return {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+        result: dict[str, Any] = OmegaConf.to_container(kept, resolve=True)  # type: ignore[assignment]
+    else:
+        result = {k: v for k, v in dict(cfg).items() if k not in NON_RESULT_KEYS}
+    model = result.get("model")
+    if isinstance(model, dict) and model.get("device_map") is None and "device_map" in model:
+        # model.device_map came later: unset, it leaves the hash of every earlier trial as it was
+        result["model"] = {k: v for k, v in model.items() if k != "device_map"}
+    return result
 
 
 def config_hash(cfg: Any) -> str:
