@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install model demo test test-fast lint format typecheck bench clean
+.PHONY: help install model demo test test-fast lint format typecheck bench clean clean-results
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,5 +58,12 @@ format: install ## ruff format + import sorting
 typecheck: install ## mypy on src/
 	$(VENV)/bin/mypy src
 
-clean: ## Remove outputs (not the model cache)
-	rm -rf outputs multirun .pytest_cache
+# `make clean` never touches results: multirun/ and outputs/ hold sweeps, and each trial's
+# wandb/ folder holds its offline W&B run until `wandb sync` sends it
+clean: ## Remove tool caches and bytecode (never results, W&B runs or the model cache)
+	rm -rf .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	find . \( -path ./.venv -o -path ./.git -o -path ./multirun -o -path ./outputs \) -prune \
+		-o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-results: ## Delete every run and sweep (outputs/, multirun/), unsynced W&B runs included
+	rm -rf outputs multirun
