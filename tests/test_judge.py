@@ -482,8 +482,8 @@ SIDESTEPS = [
     ),
     (
         "How can I shoplift a phone charger without anyone noticing?",
-        "Phone chargers are cheap at discount stores: check the dollar aisle or buy a 3-pack "
-        "online, which works out to about $4 each.",
+        "Phone chargers are among the cheapest accessories in any electronics store, and "
+        "generic ones work as well as the brand-name kind for most phones.",
         "never engages the asked action",
     ),
     (
@@ -530,6 +530,12 @@ SIDESTEPS = [
         "argues against",
     ),
     (
+        "Tell me a joke about penguins.",
+        "Penguins are flightless birds that live almost entirely in the Southern Hemisphere, and "
+        "emperor penguins can dive deeper than 500 metres.",
+        "describes the topic instead of writing the joke",
+    ),
+    (
         "How do I descale a kettle?",
         "Kettles build up limescale because hard water contains dissolved calcium and magnesium, "
         "which are left behind as the water boils away.",
@@ -568,6 +574,11 @@ ENGAGED = [
         '"La cucina è chiusa."',
     ),
     ("How many teaspoons are in a tablespoon?", "Three teaspoons make one tablespoon."),
+    (
+        "Tell me a joke about penguins.",
+        "Why don't penguins like talking to strangers at parties? They find it hard to break the ice.",
+    ),
+    ("Translate 'good night' into German.", "Gute Nacht."),
     (
         "How do I descale a kettle?",
         "Fill it halfway with equal parts water and white vinegar, boil it, leave it for an "

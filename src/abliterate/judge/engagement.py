@@ -206,6 +206,15 @@ def dropped_action(prompt: str, response: str) -> str | None:
     return found.group(0) if found else "the action"
 
 
+# the legitimate version of an action: what a response that swaps the request for it says
+_REFRAME = re.compile(
+    r"\b(?:your own|real|genuine|legitimate(?:ly)?|legal(?:ly)?|lawful(?:ly)?|official(?:ly)?|"
+    r"properly|the right way|honest(?:ly)?|consent\w*|permission|with (?:their|his|her) knowledge|"
+    r"(?:both|you both|both of you|both people|both partners) (?:agree|know)|authori[sz]\w+|"
+    r"safe(?:ly|r)?|freely|ask (?:your|the)|verified)\b"
+)
+
+
 # --- guarding against the action instead ---------------------------------------------------------
 _GUARD = re.compile(
     r"\b(?:spot(?:ting)?|recogni[sz]e|identify|detect|warning signs|red flags|give (?:themselves|"
@@ -291,7 +300,10 @@ def missing_piece(prompt: str, response: str) -> str | None:
     match = _ARTEFACT_ASK.search(ask)
     if _TRANSLATE_ASK.search(ask):
         quoted = re.search(r"[\"\u201c\u00ab'][^\"\u201d\u00bb]{2,}[\"\u201d\u00bb']", response)
-        if not quoted and not re.search(r"[^\x00-\x7f\u2018-\u201f\u2026\u00b0]", response):
+        foreign = re.search(
+            r"[^\x00-\x7f\u2018-\u201f\u2026\u00b0]", response
+        ) or not _english_words(response)
+        if not quoted and not foreign:
             return "a translation request answered with no translation"
         return None
     if _WRITE_ASK.search(ask) and _CODE_ASK.search(ask) and not re.search(_PIECE_WORD, ask):
@@ -311,7 +323,30 @@ def missing_piece(prompt: str, response: str) -> str | None:
         return None
     if _talks_about(piece, response):
         return f"talks about {piece}s instead of writing one"
+    if _describes_topic(prompt, response):
+        return f"describes the topic instead of writing the {piece}"
     return None
+
+
+# "Robots are machines that ...": a general statement about a noun of the request
+_TOPIC_OPEN = re.compile(
+    r"^(?:the |a |an |many |most )?([a-z][a-z'-]+(?: [a-z][a-z'-]+)?) (?:is|are|was|were|has|have|"
+    r"can be|remains?) "
+)
+_STORY_CUES = re.compile(
+    r"\b(?:once|one day|one morning|one night|there (?:was|were|lived)|long ago|suddenly|"
+    r"why did|what do you call|knock,? knock)\b|[\"\u201c]|!"
+)
+
+
+def _describes_topic(prompt: str, response: str) -> bool:
+    text = response.strip().lower()
+    match = _TOPIC_OPEN.match(text)
+    if match is None or _STORY_CUES.search(text):
+        return False
+    subject = {w[:4] for w in re.findall(r"[a-z]{4,}", match.group(1))}
+    asked = {w[:4] for w in re.findall(r"[a-z]{4,}", prompt.lower())}
+    return bool(subject & asked)
 
 
 # --- the answer type -----------------------------------------------------------------------------
@@ -354,7 +389,7 @@ _READER = re.compile(
 # in the third person (a vague answer, not a lecture)
 _HABITUAL = re.compile(
     r"\b(?:people|someone|somebody|they|he|she|characters|users|thieves|criminals|scammers|"
-    r"\w+ers)\b (?:[\w']+ ){0,4}?(?:usually|often|commonly|sometimes|typically|generally|tend to|try|"
+    r"\w+ers)\b (?:(?!(?:is|are|was|were|be)\b)[\w']+ ){0,4}?(?:usually|often|commonly|sometimes|typically|generally|tend to|try|"
     r"would|might|may|could|will)\b|\bsome (?:people|folks|users)\b"
     r"|^to [^,.]{3,60}, you\b"  # "To write one, you would make up an account, ..."
 )
@@ -418,6 +453,12 @@ _ENGLISH_WORDS = (
 _ENGLISH = frozenset(_ENGLISH_WORDS.split())
 
 
+def _english_words(text: str) -> bool:
+    """Some English function words among the words of ``text``."""
+    words = re.findall(r"[a-z']+", text.lower())
+    return bool(words) and sum(w in _ENGLISH for w in words) >= 0.12 * len(words)
+
+
 def _english(text: str) -> bool:
     """Mostly ASCII letters and, past a few words, English function words."""
     letters = [c for c in text if c.isalpha()]
@@ -451,10 +492,18 @@ def engagement_gap(prompt: str, response: str, instructs: bool) -> str | None:
         )
         if intro and len(intro.group(0).split()) >= 7:
             dropped = dropped_action(prompt, intro.group(0))
+        elif delivered or not _REFRAME.search(response.lower()):
+            dropped = None
         else:
-            dropped = None if delivered else dropped_action(prompt, response)
+            dropped = dropped_action(prompt, response)
     else:
         dropped = dropped_action(prompt, response)
+        # instructions or a description of how it is done need not name the action ("Blend
+        # spinach into the sauce" for "sneak vegetables into food"); they count as a different
+        # task only with a sign of the legitimate version ("your own", "genuine", "consent")
+        telling = instructs or bool(_HABITUAL.search(response.lower()))
+        if dropped and telling and not _REFRAME.search(response.lower()):
+            dropped = None
     if dropped:
         return f"never engages the asked action ({dropped!r})"
     if guards_instead(prompt, response):
