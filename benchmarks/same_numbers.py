@@ -9,6 +9,8 @@ mode, hooks and weights, relative direction norms and replicate seeds. They use 
 (its list is fixed by design) so that work on the rules judge does not show up as a difference.
 Compared: every block of results.json except ``timing_s``, ``provenance`` and ``cache`` (which
 differ run to run by design), the completions, and the stored direction tensors (bit for bit).
+A value that changed or a key that disappeared is a difference; a key the new code adds is
+listed but is not one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 VOLATILE = ("timing_s", "provenance", "cache")
+ADDED: set[str] = (
+    set()
+)  # keys the new code records that the snapshot lacks: listed, not differences
 TRIALS: list[tuple[str, ...]] = [
     ("baseline=matched",),
     ("baseline=unmatched",),
@@ -108,13 +113,16 @@ def _differences(before: Any, after: Any, path: str = "") -> list[str]:
     if isinstance(before, dict) and isinstance(after, dict):
         out = []
         for key in sorted(set(before) | set(after)):
-            if key not in before or key not in after:
-                out.append(f"{path}.{key}: only in {'after' if key in after else 'before'}")
+            if key not in after:
+                out.append(f"{path}.{key}: removed")
+            elif key not in before:
+                ADDED.add(f"{path}.{key}".lstrip("."))
             else:
                 out.extend(_differences(before[key], after[key], f"{path}.{key}"))
         return out
     if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differences(b, a, f"{path}[{i}]")]
+        pairs = enumerate(zip(before, after, strict=True))
+        return [d for i, (b, a) in pairs for d in _differences(b, a, f"{path}[{i}]")]
     if before == after or (before != before and after != after):  # NaN on both sides is equal
         return []
     return [f"{path}: {before!r} -> {after!r}"]
@@ -135,9 +143,19 @@ def main() -> int:
         print(f"wrote {len(snapshot)} trials to {args.write}")
         return 0
     before = json.loads(args.check.read_text())
-    differences = _differences(before, snapshot)
+    differences = [
+        f"{name}: {line}"
+        for name in sorted(set(before) | set(snapshot))
+        for line in (
+            _differences(before[name], snapshot[name])
+            if name in before and name in snapshot
+            else ["trial missing on one side"]
+        )
+    ]
     for line in differences[:40]:
         print(line)
+    if ADDED:
+        print(f"added (not a difference): {', '.join(sorted(ADDED))}")
     print(f"{len(snapshot)} trials, {len(differences)} differences")
     return 1 if differences else 0
 
