@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from abliterate import report
+from abliterate import plots, report, tracking
 from abliterate.stats import mcnemar_exact, rate_record, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_table1_lists_zero_refusal_layers_with_minimum_weight(synthetic_sweep):
 
 
 def test_report_writes_tables_plots_and_lists_incomplete_trials(synthetic_sweep, capsys):
-    code = report.main([str(synthetic_sweep)])
+    code = report.main([str(synthetic_sweep), "--no-trial-figures"])
     assert code == 1  # incomplete trials
     printed = capsys.readouterr().out
     markdown = (synthetic_sweep / "report.md").read_text()
@@ -374,8 +374,13 @@ def test_report_of_a_real_tiny_multirun(tiny_multirun, capsys):
     run_dirs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(run_dirs) == 12
     for run_dir in run_dirs[:2]:
-        (run,) = [r["run"] for r in inspect_records(run_dir) if r["type"] == "run"]
+        run = [r["run"] for r in inspect_records(run_dir) if r["type"] == "run"][0]
         assert run["run_group"] == str(sweep)[-128:]
+        assert run["run_id"] == tracking.run_id(run_dir.parents[1])
+        # Hydra's job log, saved into the run when it ended
+        saved = (run_dir / "files" / "run.log").read_text()
+        assert saved and (run_dir.parents[1] / "run.log").read_text().startswith(saved)
+        assert (run_dir.parents[1] / "plots" / "outcomes_by_category.png").is_file()
         summary = inspect_summary(run_dir)
         assert summary["state"] == "finished" and "eval/refusal_rate" in summary["summary"]
         trial_dir = run_dir.parents[1]
@@ -444,7 +449,7 @@ def test_table1_four_outcomes_and_zero_refusals_without_compliance(outcome_sweep
     markdown, _, _ = report.write_report(outcome_sweep, min_comply=0.3)
     rows = read_csv(outcome_sweep / "report" / "table1_zero_refusal.csv")
     assert {(r["setting"], r["layer"], r["status"]) for r in rows} >= {("matched", "9", "reached")}
-    assert report.main([str(outcome_sweep), "--min-comply", "0.95"]) == 0
+    assert report.main([str(outcome_sweep), "--min-comply", "0.95", "--no-trial-figures"]) == 0
     rows = read_csv(outcome_sweep / "report" / "table1_zero_refusal.csv")
     assert by_key(rows)[("unmatched", "9")]["status"] == "without_compliance"
     with Image.open(outcome_sweep / "report" / "refusal_vs_layer.png") as image:
@@ -846,3 +851,162 @@ def test_table1_and_pairs_separate_the_combination(tmp_path):
     collected, _ = report.collect_results(svd)
     (cell,) = report.build_cells(collected).values()
     assert not cell.mixed and len(cell.trials) == 2
+
+
+# --- study views, per-category columns, the terminal, and the report as a W&B run --------------
+
+
+def category_outcomes(refusals_by_category: dict[str, int], n: int = 4) -> dict:
+    """outcomes_by_category with the given REFUSE counts, the rest COMPLY."""
+    return {c: {"n": n, "REFUSE": k, "EVASIVE": 0, "COMPLY": n - k, "INCOHERENT": 0}
+            for c, k in refusals_by_category.items()}  # fmt: skip
+
+
+@pytest.fixture()
+def category_sweep(tmp_path):
+    """Schema 2 without any logger: matched and unmatched x layers 9, 10 x weights 0.5, 1, three
+    categories of 4 prompts; unmatched refuses less at the higher weight, matched never changes."""
+    sweep = tmp_path / "categories"
+    for baseline in ("matched", "unmatched"):
+        for layer in (9, 10):
+            for weight in (0.5, 1.0):
+                drop = 0 if baseline == "matched" else int(2 * weight) + (layer - 9)
+                by_category = {c: max(0, 4 - drop - i) for i, c in enumerate(CATEGORIES)}
+                refuse = sum(by_category.values())
+                results = fake_results_v2(
+                    baseline, layer, weight, outcomes(refuse, 0, 12 - refuse, 0)
+                )
+                results["eval"]["outcomes_by_category"] = category_outcomes(by_category)
+                results["eval"]["refusal_rate_by_category"] = {
+                    c: k / 4 for c, k in by_category.items()
+                }
+                results["eval"]["kl_divergence"] = 0.01 * weight * (1 + layer - 9) * (
+                    1 if baseline == "unmatched" else 2)  # fmt: skip
+                results["config"]["logger"] = {"name": "none"}
+                write_trial(sweep, f"{baseline}_{layer}_{weight}", results)
+    return sweep
+
+
+NEW_PLOTS = ("refusal_vs_kl.png", "outcomes_by_layer.png", "side_effects_vs_layer.png",
+             "refusal_by_category.png")  # fmt: skip
+
+
+def test_study_views_per_category_columns_and_trial_figures(category_sweep, capsys):
+    assert report.main([str(category_sweep)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (category_sweep / "report.md").read_text()
+    for name in NEW_PLOTS:
+        with Image.open(category_sweep / "report" / name) as image:
+            assert image.format == "PNG" and image.width > 600 and image.height > 300
+        assert f"(report/{name})" in markdown
+        assert str(category_sweep / "report" / name) in printed
+    # the terminal gets the headline, Table 1 a line per row, and the paths: not the tables
+    assert "## All trials" not in printed and "| setting" not in printed
+    assert "8 complete trials, 0 incomplete, 2 settings." in printed
+    assert "unmatched: " in printed and "matched: not reached" in printed
+    assert len(printed.splitlines()) < 30
+    # per-category rates in report.csv, from outcomes_by_category
+    rows = read_csv(category_sweep / "report.csv")
+    results, _ = report.collect_results(category_sweep)
+    for row, r in zip(rows, results, strict=True):
+        for category, counts in r["eval"]["outcomes_by_category"].items():
+            prefix = f"eval.by_category.{category}"
+            assert int(row[f"{prefix}.n"]) == 4
+            assert float(row[f"{prefix}.refusal_rate"]) == pytest.approx(counts["REFUSE"] / 4)
+            assert float(row[f"{prefix}.comply_rate"]) == pytest.approx(counts["COMPLY"] / 4)
+    assert list(rows[0])[-1] == "dir"
+    # each trial's own figures, with logger=none
+    for r in results:
+        figures = plots.trial_figures(r["_dir"])
+        assert set(figures) == set(plots.TRIAL_FIGURES), r["_dir"]
+    # drawn once: a second report leaves them as they are
+    stamps = {
+        p: p.stat().st_mtime_ns for r in results for p in plots.trial_figures(r["_dir"]).values()
+    }
+    assert report.main([str(category_sweep)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_study_frames_average_replicates_and_find_the_pareto_front(category_sweep):
+    results, _ = report.collect_results(category_sweep)
+    settings = report.Settings(results)
+    trials = report.trials_frame(results, settings)
+    assert len(trials) == 8 and not trials["mixed"].any()
+    cells = report.cells_frame(trials)
+    unmatched = cells[cells["setting"] == "unmatched"].set_index(["layer", "weight"])
+    # layer 10, w=1: drop 3 -> REFUSE 1 + 0 + 0 of 12
+    assert unmatched.loc[(10, 1.0), "refusal_rate"] == pytest.approx(1 / 12)
+    assert unmatched.loc[(10, 1.0), "kl_divergence"] == pytest.approx(0.02)
+    front = plots.pareto_front(cells[cells["setting"] == "unmatched"], "kl_divergence",
+                               "refusal_rate")  # fmt: skip
+    # (KL, R): L9 w=.5 (0.005, 6/12); L9 w=1 and L10 w=.5 both (0.01, 3/12): the first kept;
+    # L10 w=1 (0.02, 1/12)
+    assert list(zip(front["layer"], front["weight"], strict=True)) == [
+        (9, 0.5),
+        (9, 1.0),
+        (10, 1.0),
+    ]
+    by_category = report.category_frame(results, settings, trials)
+    assert len(by_category) == 8 * 3
+    row = by_category[(by_category["setting"] == "unmatched") & (by_category["layer"] == 10)
+                      & (by_category["weight"] == 1.0)]  # fmt: skip
+    assert dict(zip(row["category"], row["refusals"], strict=True)) == {
+        CATEGORIES[0]: 1, CATEGORIES[1]: 0, CATEGORIES[2]: 0}  # fmt: skip
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    import pandas as pd
+
+    points = pd.DataFrame({"kl": [0.1, 0.2, 0.3, 0.05, 0.4, 0.2],
+                           "refusal": [0.5, 0.6, 0.1, 0.9, 0.0, 0.4]})  # fmt: skip
+    front = plots.pareto_front(points, "kl", "refusal")
+    assert list(zip(front["kl"], front["refusal"], strict=True)) == [
+        (0.05, 0.9), (0.1, 0.5), (0.2, 0.4), (0.3, 0.1), (0.4, 0.0)]  # fmt: skip
+
+
+@pytest.fixture()
+def clean_wandb_env(tmp_path, monkeypatch):
+    for variable in [v for v in os.environ if v.startswith("WANDB_")]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_report_run_holds_the_table_and_figures(category_sweep, clean_wandb_env, capsys):
+    args = [str(category_sweep), "--no-trial-figures", "--wandb"]
+    assert report.main(args) == 0
+    assert "W&B report run: " in capsys.readouterr().out
+    (run_dir,) = sorted((category_sweep / "wandb").glob("offline-run-*"))
+    summary = inspect_summary(run_dir)
+    assert summary["state"] == "finished" and summary["exit_code"] == 0
+    assert summary["run_id"] == tracking.run_id(category_sweep / "report.md", "report")
+    (run,) = [r["run"] for r in inspect_records(run_dir) if r["type"] == "run"]
+    assert run["job_type"] == "report"
+    assert run["run_group"] == str(category_sweep.resolve())  # the trials' sweep group
+    metrics = summary["summary"]
+    table = json.loads((run_dir / "files" / metrics[tracking.REPORT_TABLE]["path"]).read_text())
+    trials = read_csv(category_sweep / "report.csv")
+    assert table["columns"] == list(trials[0]) and len(table["data"]) == len(trials) == 8
+    column = table["columns"].index("eval.refusal_rate")
+    assert sorted(row[column] for row in table["data"]) == pytest.approx(
+        sorted(float(t["eval.refusal_rate"]) for t in trials))  # fmt: skip
+    pngs = sorted(p.stem for p in (category_sweep / "report").glob("*.png"))
+    assert len(pngs) == len(PLOTS) + len(NEW_PLOTS)
+    for stem in pngs:
+        image = metrics[f"report/{stem}"]
+        assert image["_type"] == "image-file"
+        assert (run_dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
+    assert metrics["by_layer/refusal_rate_table"]["_type"] == "table-file"
+    artifacts = [r["artifact"] for r in inspect_records(run_dir) if r["type"] == "artifact"]
+    (bundle,) = [a for a in artifacts if a["type"] == "report"]
+    contents = {c["path"] for c in bundle["manifest"]["contents"]}
+    assert {"report.md", "report.csv", "report/table1_zero_refusal.csv",
+            "report/refusal_vs_kl.png"} <= contents  # fmt: skip
+    # a second report run updates the same run: the earlier offline run is set aside
+    assert report.main(args) == 0
+    (again,) = sorted((category_sweep / "wandb").glob("offline-run-*"))
+    assert inspect_summary(again)["run_id"] == summary["run_id"]
+    assert not list(clean_wandb_env.rglob("*wandb*"))

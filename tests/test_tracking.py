@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -126,17 +127,47 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wandb_env):
+@contextmanager
+def job_log(path: Path):
+    """What Hydra's job logging does: the root logger also writes into <trial>/run.log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def history_keys(run_dir: Path) -> set[str]:
+    """Every key logged with a step (``run.log``), as opposed to written to the summary."""
+    keys: set[str] = set()
+    for record in inspect_records(run_dir):
+        if record["type"] == "history":
+            keys |= set(record["history"]["item"])
+    return keys
+
+
+def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wandb_env, capfd):
     out = tmp_path / "out"
     cfg = compose_trial(
         tiny_model_dir, cache_dir, out, "logger=wandb", "baseline=matched", "ablation.weight=0.8",
         "logger.tags=[test,tiny]",
     )  # fmt: skip
-    main(cfg)
+    with job_log(out / "run.log"):
+        main(cfg)
+    assert "wandb:" not in capfd.readouterr().err  # W&B's own console output is off
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete"
     (run_dir,) = run_dirs(out)
     assert run_dir.name.startswith("offline-run-")
+    assert run_dir.name.endswith(tracking.run_id(out))  # the id is the trial directory's
     # W&B's staging, cache and logs stay in the trial directory
     assert list((out / "wandb" / "data").rglob("*")), "artifact staging is not in the trial dir"
     assert os.environ.get("WANDB_DATA_DIR") is None, "the trial's W&B directories leaked"
@@ -144,7 +175,11 @@ def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wand
     summary = inspect_summary(run_dir)
     assert summary["state"] == "finished" and summary["exit_code"] == 0
     assert summary["project"] == "abliterate" and summary["name"] == out.name
-    assert sorted(summary["tags"]) == ["test", "tiny"]
+    assert summary["run_id"] == tracking.run_id(out)
+    assert sorted(summary["tags"]) == sorted(
+        ["test", "tiny", "model:tiny-llama", "baseline:matched", "extraction:som_per_class",
+         "combine:merged", f"judge:{results['trial']['judge']}"]
+    )  # fmt: skip
     config = summary["config"]
     assert config["baseline"]["name"] == "matched" and config["ablation"]["weight"] == 0.8
     assert config["trial"] == results["trial"]  # layer, weight, baseline ... as config columns
@@ -153,11 +188,14 @@ def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wand
     expected = tracking.trial_metrics(results)
     assert {"eval/refusal_rate", "eval/kl_divergence", "geometry/capture",
             "geometry/norm_ratio_matched_to_unmatched", "timing/total",
-            "baseline/refusal_rate"} <= set(expected)  # fmt: skip
+            "baseline/refusal_rate", "eval/outcomes/COMPLY"} <= set(expected)  # fmt: skip
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     for category, rate in results["eval"]["refusal_rate_by_category"].items():
         assert metrics[f"eval/refusal_rate_by_category/{category}"] == pytest.approx(rate)
+    # the metrics are written once, to the summary: none of them is a one-point line chart
+    logged = history_keys(run_dir)
+    assert not logged & set(expected), logged & set(expected)
 
     files = run_dir / "files"
     table = json.loads((files / metrics[tracking.CATEGORY_TABLE]["path"]).read_text())
@@ -168,26 +206,36 @@ def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wand
         assert by_category[category][2] == pytest.approx(rate)
     assert sum(row[1] for row in table["data"]) == results["eval"]["n_harmful"]
 
+    # every completion, not a sample
     completions = [
         json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()
     ]
     table = json.loads((files / metrics[tracking.COMPLETIONS_TABLE]["path"]).read_text())
     assert table["columns"] == tracking.COMPLETION_COLUMNS
-    assert len(table["data"]) == min(48, len(completions))
-    assert {row[0] for row in table["data"]} == {"harmful", "matched", "unmatched"}
-    known = {(row["prompt"], row["response"]) for row in completions}
-    assert all((row[4], row[5]) in known for row in table["data"])
+    assert len(table["data"]) == len(completions)
+    column = {name: i for i, name in enumerate(table["columns"])}
+    logged_rows = {(row[column["set"]], row[column["index"]], row[column["prompt"]],
+                    row[column["response"]], row[column["label"]]) for row in table["data"]}  # fmt: skip
+    assert logged_rows == {(row["set"], row["index"], row["prompt"], row["response"],
+                            row["label"]) for row in completions}  # fmt: skip
 
-    for key in ("geometry/direction_cosines", "geometry/contrast"):
+    for key in ("figures/direction_cosines", "figures/geometry", "figures/outcomes_by_category"):
         image = metrics[key]
         assert image["_type"] == "image-file"
         assert (files / image["path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "plots" / "direction_cosines.png").is_file()
+    for name in ("direction_cosines.png", "geometry.png", "outcomes_by_category.png"):
+        assert (out / "plots" / name).is_file()
+
+    # the trial's log file, as it was when the run ended
+    saved = (files / "run.log").read_text()
+    assert "abliterate" in saved and (out / "run.log").read_text().startswith(saved)
 
     records = inspect_records(run_dir)
-    (run_record,) = [r["run"] for r in records if r["type"] == "run"]
+    run_record = [r["run"] for r in records if r["type"] == "run"][0]  # later ones: tag updates
     assert run_record["run_group"] == str(out)  # no Hydra here: the trial directory
-    assert run_record["job_type"] == "trial"
+    assert run_record["job_type"] == "trial" and run_record["resume"]
+    assert any(r["type"] == "files" and r["files"]["files"][0]["path"] == "run.log"
+               for r in records)  # fmt: skip
     artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
     (directions,) = [a for a in artifacts if a["type"] == "directions"]
     assert directions["name"] == tracking.artifact_name(results)
@@ -198,6 +246,65 @@ def test_offline_run_records_the_trial(tiny_model_dir, cache_dir, tmp_path, wand
     assert entry["digest"] == base64.b64encode(md5).decode()
     assert Path(entry["local_path"]).read_bytes() == (out / "directions.safetensors").read_bytes()
     assert json.loads(directions["metadata"])["layer"] == results["trial"]["layer"]
+
+
+def test_a_forced_rerun_updates_one_run(tiny_model_dir, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    main(compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb"))
+    (first,) = run_dirs(out)
+    main(compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb", "force=true"))
+    (second,) = run_dirs(out)  # one run directory: the rerun's
+    assert first != second and not first.exists()
+    (superseded,) = (out / "wandb" / tracking.SUPERSEDED_DIR).iterdir()
+    assert superseded.name == first.name  # kept beside it, as results.json.superseded
+    ids = {inspect_summary(d)["run_id"] for d in (second, superseded)}
+    assert ids == {tracking.run_id(out)}  # one W&B run: `wandb sync` of either updates it
+    assert inspect_summary(second)["state"] == "finished"
+
+
+def test_wandb_environment_variables_win_over_the_config(
+    tiny_model_dir, cache_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    main(compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb", "logger.mode=offline"))
+    assert (out / "results.json").is_file() and not (out / "wandb").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_TAGS", "env-tag")
+    settings = tracking.LoggerSettings.from_config(
+        compose_trial(tiny_model_dir, cache_dir, out, "logger=wandb_online").logger
+    )
+    assert (settings.mode, settings.project) == ("offline", "from-env")
+    assert settings.tags == ["env-tag"]
+
+
+def test_sync_logs_a_trial_that_ran_without_wandb(tiny_model_dir, cache_dir, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    out = sweep / "0_trial"
+    with job_log(out / "run.log"):
+        main(compose_trial(tiny_model_dir, cache_dir, out, "logger=none"))
+    assert not (out / "wandb").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert tracking.main(["sync", str(sweep), "--mode", "offline"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 1 trial(s) logged" in printed and "wandb sync" in printed
+    (run_dir,) = run_dirs(out)
+    summary = inspect_summary(run_dir)
+    assert summary["run_id"] == tracking.run_id(out) and summary["state"] == "finished"
+    assert summary["summary"]["eval/refusal_rate"] == pytest.approx(results["eval"]["refusal_rate"])
+    assert "baseline:unmatched" in summary["tags"]
+    assert summary["config"]["trial"] == results["trial"]
+    run = [r["run"] for r in inspect_records(run_dir) if r["type"] == "run"][0]
+    assert run["run_group"] == str(sweep.resolve())  # the sweep, as a multirun trial's group
+    completions = (out / "completions.jsonl").read_text().splitlines()
+    table = summary["summary"][tracking.COMPLETIONS_TABLE]
+    assert table["nrows"] == len(completions)
+    assert (run_dir / "files" / "run.log").read_text() == (out / "run.log").read_text()
+    # a second sync finds the run and leaves the trial alone
+    assert tracking.main(["sync", str(sweep)]) == 0
+    assert "skipped (has a W&B run" in capsys.readouterr().out
+    assert len(run_dirs(out)) == 1
 
 
 def test_broken_wandb_falls_back_offline_and_keeps_every_record(
@@ -317,20 +424,6 @@ def test_metrics_are_namespaced_scalars_without_nan():
     assert not any(
         isinstance(v, float) and math.isnan(v) for v in tracking.trial_metrics(results).values()
     )
-
-
-def test_completion_sample_covers_every_set_and_category():
-    rows = [
-        {"set": s, "category": c, "prompt": f"{s}{c}{i}"}
-        for s in ("harmful", "matched")
-        for c in ("a", "b", "c")
-        for i in range(10)
-    ]
-    sample = tracking.sample_completions(rows, 8)
-    assert len(sample) == 8
-    assert len({(r["set"], r["category"]) for r in sample}) == 6
-    assert tracking.sample_completions(rows, 0) == []
-    assert len(tracking.sample_completions(rows[:3], 10)) == 3
 
 
 def test_artifact_names_are_valid():

@@ -602,6 +602,16 @@ def select_objective(results: dict[str, Any], dotted: str) -> float:
     return float("nan") if node is None else float(node)
 
 
+def _write_trial_figures(results: dict[str, Any], output_dir: Path) -> None:
+    """The trial's own figures into ``<trial>/plots/`` (abliterate.plots); never costs the trial."""
+    from abliterate.plots import write_trial_figures
+
+    try:
+        write_trial_figures(results, output_dir)
+    except Exception as error:
+        log.warning("trial figures not drawn (%s: %s)", type(error).__name__, error)
+
+
 def main(cfg: DictConfig) -> float | list[float]:
     """The Hydra task: run a trial, print its summary, return its ``objectives`` (by default the
     harmful refusal rate, the value an optimizing sweeper minimizes; several for multi-objective).
@@ -643,6 +653,8 @@ def main(cfg: DictConfig) -> float | list[float]:
         try:
             results = run_trial(cfg, output_dir)
             print(records.format_summary(results), flush=True)
+            if not skipped:
+                _write_trial_figures(results, output_dir)
             tracker.log_trial(output_dir)
             exit_code = 0
         finally:

@@ -1,6 +1,7 @@
 """The sweep report: every trial's results.json under a directory, tabulated and plotted as the study.
 
     python -m abliterate.report multirun/2026-11-29/12-00-00 [--min-comply 0.8] [--judge NAME]
+        [--wandb] [--no-trial-figures]
 
 A *setting* is everything about a trial except its layer, weight and seed (baseline, extraction,
 orthogonalization, scope, the combination the edit applied (``trial.combine``: merged, sum,
@@ -34,6 +35,18 @@ Writes, beside the trials:
                                     "distinguishable" means Holm-adjusted p < 0.05
     report/replicates.csv           cells with several seeds: mean, min, max, sd
     report/refusal_vs_layer.png, kl_vs_weight.png, norm_ratio_by_layer.png, direction_cosines.png
+    report/refusal_vs_kl.png        every cell's REFUSE rate against KL, each setting's Pareto front
+    report/outcomes_by_layer.png    the four outcomes stacked, a bar per layer and weight
+    report/side_effects_vs_layer.png  false refusals (generic, matched), capture, perturbation
+    report/refusal_by_category.png  harm category x (layer, weight) REFUSE heatmap per setting
+    <trial>/plots/*.png             each trial's own figures (abliterate.plots; the command line
+                                    draws them where missing, whether or not W&B ran)
+
+report.csv also has per-category columns ``eval.by_category.<category>.<n|rate>``. The terminal
+gets the headline, Table 1 one line per row and the paths; the tables are in report.md.
+``--wandb`` logs the report as a W&B run of ``job_type=report`` in the sweep's group
+(abliterate.tracking.log_report): report.csv as a table, every figure, line charts against
+layer, and report.md with the CSVs and figures as an artifact.
 
 Schema-1 results (no outcome counts, no intervals, no judge) stay readable: counts are recomputed
 as rate x n where n is known, intervals from the counts, and whatever is missing shows as n/a.
@@ -61,6 +74,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from abliterate import plots
+from abliterate.plots import draw_cosine_heatmap, new_figure, save_figure
 from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE
 from abliterate.stats import compare_paired, wilson_interval
 
@@ -1252,40 +1267,6 @@ def format_mixed_cells(cells: Iterable[Cell], settings: Settings) -> list[str]:
 # --- plots -----------------------------------------------------------------------------------
 
 
-def new_figure(panels: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list]:
-    """A figure on an Agg canvas with ``panels`` axes in a grid of up to three columns."""
-    cols = min(panels, 3)
-    rows = math.ceil(panels / cols)
-    figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = [figure.add_subplot(rows, cols, i + 1) for i in range(panels)]
-    return figure, axes
-
-
-def save_figure(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
-
-
-def draw_cosine_heatmap(ax, matrix: Sequence[Sequence[float]], labels: Sequence[str]) -> Any:
-    """The pairwise cosines of the directions, -1 (blue) to 1 (red), values written in when few."""
-    k = len(matrix)
-    values = [[v if _finite(v) else math.nan for v in row] for row in matrix]
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1)
-    names = [str(label).replace("_", " ") for label in labels] if len(labels) == k else []
-    ax.set_xticks(range(k), names or range(k), rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(k), names or range(k), fontsize=7)
-    if k <= 12:
-        for i in range(k):
-            for j in range(k):
-                if _finite(values[i][j]):
-                    color = "white" if abs(values[i][j]) > 0.6 else "black"
-                    ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", fontsize=6,
-                            color=color)  # fmt: skip
-    return image
-
-
 def _by_weight_colors(values: Sequence[float], cmap: str = "viridis") -> dict[float, Any]:
     from matplotlib import colormaps
 
@@ -1491,6 +1472,174 @@ def plot_direction_cosines(results: list[Results], settings: Settings, path: Pat
     return save_figure(figure, path)
 
 
+# --- study frames (pandas) and the views drawn from them ---------------------------------------
+
+CELL_VALUES = (
+    *(("eval", OUTCOME_RATES[o]) for o in OUTCOMES),
+    ("eval", "kl_divergence"),
+    ("eval", "harmless_refusal_rate"),
+    ("eval", "matched_harmless_refusal_rate"),
+    ("geometry", "capture"),
+    ("geometry", "perturbation_ratio"),
+)
+
+
+def _outcome_rate(results: Results, block: str, outcome: str) -> float | None:
+    """An outcome's rate on the harmful set: as recorded, else its count out of n."""
+    rate = rate_value(results, block, OUTCOME_RATES[outcome])
+    if rate is not None:
+        return rate
+    count = _dig(results, block, "outcomes", outcome)
+    n = _first(results, ((block, "n_harmful"), ("eval", "n_harmful")))
+    return count / n if _finite(count) and n else None
+
+
+def trials_frame(results: list[Results], settings: Settings) -> pd.DataFrame:
+    """One row per trial: its setting's label, layer, weight, seed, whether its cell is mixed,
+    the edited model's values (``CELL_VALUES``) and the unedited model's (``unedited_<rate>``)."""
+    mixed = {(key[0], key[1], key[2]) for key, cell in build_cells(results).items() if cell.mixed}
+    rows = []
+    for r in results:
+        key = setting_key(r)
+        row: dict[str, Any] = {
+            "setting": settings.label(key),
+            "layer": r["trial"]["layer"],
+            "weight": r["trial"]["weight"],
+            "seed": r["trial"].get("seed"),
+            "mixed": (key, *_cell_key(r)) in mixed,
+        }
+        for block, name in CELL_VALUES:
+            row[name] = _get(r, block, name)
+        for outcome in OUTCOMES:
+            row[OUTCOME_RATES[outcome]] = _outcome_rate(r, "eval", outcome)
+            row[f"unedited_{OUTCOME_RATES[outcome]}"] = _outcome_rate(r, "baseline_eval", outcome)
+        for name in ("harmless_refusal_rate", "matched_harmless_refusal_rate"):
+            row[f"unedited_{name}"] = _get(r, "baseline_eval", name)
+        rows.append(row)
+    frame = pd.DataFrame.from_records(rows)
+    if frame.empty:
+        return frame
+    numeric = [c for c in frame.columns if c not in ("setting", "seed", "mixed", "layer")]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    frame["setting"] = pd.Categorical(frame["setting"], [settings.label(k) for k in settings.keys])
+    return frame
+
+
+def cells_frame(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, layer, weight): the mean over its replicates; mixed cells left out
+    (they are flagged in the report, never averaged)."""
+    if trials.empty:
+        return trials
+    kept = trials[~trials["mixed"]].drop(columns=["seed", "mixed"])
+    cells = kept.groupby(["setting", "layer", "weight"], observed=True, sort=True).mean()
+    cells["n_seeds"] = kept.groupby(["setting", "layer", "weight"], observed=True).size()
+    cells = cells.reset_index()
+    cells["setting"] = cells["setting"].astype(str)
+    return cells
+
+
+def _unedited_by_category(directory: str) -> dict[str, float]:
+    """The unedited model's REFUSE rate per harm category, from completions.jsonl's
+    ``baseline_label`` ({} without the file)."""
+    path = Path(directory) / COMPLETIONS_FILE
+    if not path.exists():
+        return {}
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    frame = pd.DataFrame([r for r in rows if r.get("set") == "harmful"])
+    if frame.empty or "baseline_label" not in frame or "category" not in frame:
+        return {}
+    refused = frame["baseline_label"].eq("REFUSE")
+    return refused.groupby(frame["category"].fillna("")).mean().to_dict()
+
+
+def category_outcomes(results: Results) -> dict[str, dict[str, Any]]:
+    """{category: {"n", REFUSE, EVASIVE, COMPLY, INCOHERENT}} on the harmful set; schema 1 (only
+    ``refusal_rate_by_category``): {category: {"refusal_rate": rate}}."""
+    ev = results.get("eval") or {}
+    by_category = ev.get("outcomes_by_category")
+    if isinstance(by_category, dict) and by_category:
+        return by_category
+    return {
+        c: {"refusal_rate": rate} for c, rate in (ev.get("refusal_rate_by_category") or {}).items()
+    }
+
+
+def category_frame(
+    results: list[Results], settings: Settings, trials: pd.DataFrame
+) -> pd.DataFrame:
+    """One row per (setting, layer, weight, category), mixed cells left out: the REFUSE count and
+    rate (means over replicates), n, and the unedited model's REFUSE rate in that category."""
+    keep = ~trials["mixed"].to_numpy() if not trials.empty else []
+    rows = []
+    for r, kept in zip(results, keep, strict=True):
+        if not kept:
+            continue
+        unedited = _unedited_by_category(r["_dir"])
+        for category, counts in category_outcomes(r).items():
+            n = counts.get("n")
+            refusals = counts.get("REFUSE")
+            rate = counts.get("refusal_rate")
+            if rate is None and _finite(refusals) and n:
+                rate = refusals / n
+            rows.append({
+                "setting": settings.label(setting_key(r)), "layer": r["trial"]["layer"],
+                "weight": r["trial"]["weight"], "category": category, "refusals": refusals,
+                "n": n, "refusal_rate": rate, "unedited_refusal_rate": unedited.get(category),
+            })  # fmt: skip
+    frame = pd.DataFrame.from_records(rows)
+    if frame.empty:
+        return frame
+    for column in ("refusals", "n", "refusal_rate", "unedited_refusal_rate"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    order = {settings.label(k): i for i, k in enumerate(settings.keys)}
+    frame = frame.groupby(["setting", "layer", "weight", "category"], sort=False).mean()
+    frame = frame.reset_index()
+    frame["_order"] = frame["setting"].map(order)
+    return frame.sort_values(["_order", "layer", "weight", "category"]).drop(columns="_order")
+
+
+def category_csv_columns(results: list[Results]) -> list[tuple[str, Callable[[Results], Any]]]:
+    """report.csv's per-category columns: ``eval.by_category.<category>.n`` and the four outcome
+    rates (schema 1: the refusal rate alone), for every category of any trial."""
+    categories = sorted({c for r in results for c in category_outcomes(r)})
+    columns: list[tuple[str, Callable[[Results], Any]]] = []
+
+    def value(category: str, what: str) -> Callable[[Results], Any]:
+        def get(r: Results) -> Any:
+            counts = category_outcomes(r).get(category) or {}
+            if what == "n":
+                return counts.get("n")
+            if what == "refusal_rate" and "refusal_rate" in counts:
+                return counts["refusal_rate"]
+            outcome = next(o for o, name in OUTCOME_RATES.items() if name == what)
+            n, count = counts.get("n"), counts.get(outcome)
+            return count / n if _finite(count) and n else None
+
+        return get
+
+    for category in categories:
+        for what in ("n", *OUTCOME_RATES.values()):
+            columns.append((f"eval.by_category.{category}.{what}", value(category, what)))
+    return columns
+
+
+def write_trial_figures(results: list[Results]) -> list[Path]:
+    """Each trial's own figures (``<trial>/plots/``, abliterate.plots), drawn when missing or
+    older than its results.json; returns the figures drawn now."""
+    drawn: list[Path] = []
+    for r in results:
+        directory = Path(r["_dir"])
+        stamp = (directory / RESULTS_FILE).stat().st_mtime
+        existing = plots.trial_figures(directory)
+        if existing and all(p.stat().st_mtime >= stamp for p in existing.values()):
+            continue
+        drawn += plots.write_trial_figures(r, directory).values()
+    return drawn
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -1539,6 +1688,7 @@ def write_report(
     out_dir: Path | None = None,
     min_comply: float = MIN_COMPLY,
     judge: str | None = None,
+    trial_figures: bool = False,
 ) -> tuple[str, list[Path], list]:
     """Write the tables and plots for the trials under ``root``.
 
@@ -1551,6 +1701,9 @@ def write_report(
             (``<trial>/judgements/<judge>/``) and write it as ``report-<judge>.md``,
             ``report-<judge>.csv`` and ``report-<judge>/``; None (default): the trials' own
             results, and the re-judged copies are ignored.
+        trial_figures: also draw each trial's own figures into ``<trial>/plots/`` where missing
+            or older than its results.json (the command line does, unless
+            ``--no-trial-figures``).
 
     Returns:
         (the Markdown text, the files written, [(directory, why)] of the incomplete trials, and
@@ -1681,15 +1834,33 @@ def write_report(
         if mixed:
             text += ["", f"## Mixed configs ({len(mixed)} cell(s), not averaged)", "", *mixed]
 
-        plots = [
+        figures = [
             ("Outcome rates vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
             ("KL vs weight", plot_kl_vs_weight(results, settings, assets / "kl_vs_weight.png")),
             ("Matched/unmatched norm ratio by layer", plot_norm_ratio_by_layer(table3, assets / "norm_ratio_by_layer.png")),
             ("Direction cosines", plot_direction_cosines(results, settings, assets / "direction_cosines.png")),
         ]  # fmt: skip
-        written += [p for _, p in plots]
+        trials = trials_frame(results, settings)
+        cells_table = cells_frame(trials)
+        by_category = category_frame(results, settings, trials)
+        if not cells_table.empty:
+            figures += [
+                ("Refusal vs KL, Pareto front per setting", plots.plot_refusal_vs_kl(cells_table, assets / "refusal_vs_kl.png")),
+                ("Outcomes by layer (stacked)", plots.plot_outcomes_stacked(cells_table, assets / "outcomes_by_layer.png")),
+                ("False refusals, capture and perturbation vs layer", plots.plot_side_effects_vs_layer(cells_table, assets / "side_effects_vs_layer.png")),
+            ]  # fmt: skip
+        if not by_category.empty:
+            figures.append(("Refusal by harm category and layer", plots.plot_category_heatmaps(by_category, assets / "refusal_by_category.png")))  # fmt: skip
+        written += [p for _, p in figures]
         text += ["", "## Plots", ""]
-        text += [f"![{title}]({path.relative_to(out_dir).as_posix()})" for title, path in plots]
+        text += [f"![{title}]({path.relative_to(out_dir).as_posix()})" for title, path in figures]
+        text += [
+            "",
+            f"Each trial's own figures (direction cosines, geometry, outcomes by category) are in "
+            f"`<trial>/{plots.PLOTS_DIR}/`.",
+        ]
+        if trial_figures:
+            write_trial_figures(results)
 
         text += ["", "## All trials", "", format_table(results)]
     else:
@@ -1706,7 +1877,7 @@ def write_report(
         ]
         text += [f"- {directory}: {why}" for directory, why in not_rejudged]
 
-    columns = trial_csv_columns()
+    columns = trial_csv_columns() + category_csv_columns(results)
     trials_csv = _write_csv(
         out_dir / csv_name,
         ["setting", *(name for name, _ in columns), "dir"],
@@ -1719,6 +1890,95 @@ def write_report(
     report = out_dir / report_name
     report.write_text(markdown)
     return markdown, [report, trials_csv, *written], incomplete
+
+
+def report_group(results: list[Results], root: Path) -> str:
+    """The W&B group of the sweep's trials: their ``logger.group`` when they all share one, else
+    their common sweep directory (abliterate.tracking.sweep_group_of), else ``root``."""
+    from abliterate.tracking import sweep_group_of
+
+    configured = {_dig(r, "config", "logger", "group") for r in results}
+    if len(configured) == 1 and None not in configured:
+        return str(configured.pop())
+    groups = {sweep_group_of(r["_trial_dir"], root) for r in results}
+    return groups.pop() if len(groups) == 1 else str(Path(root).resolve())[-128:]
+
+
+def log_report_run(
+    root: Path, out_dir: Path, written: list[Path], judge: str | None, min_comply: float,
+    mode: str = "offline",
+) -> Path | None:  # fmt: skip
+    """Log a written report as a W&B run of ``job_type=report`` in the trials' group, with the
+    trials' project and entity unless W&B's environment variables say otherwise."""
+    from abliterate import tracking
+
+    results, incomplete = collect_results(root, judge)
+    loggers = [_dig(r, "config", "logger") or {} for r in results]
+    project = next((lg.get("project") for lg in loggers if lg.get("project")), "abliterate")
+    entity = next((lg.get("entity") for lg in loggers if lg.get("entity")), None)
+    logger = tracking.LoggerSettings.from_config(
+        {"mode": mode, "project": project, "entity": entity, "job_type": "report"}
+    )
+    config = {
+        "root": str(Path(root).resolve()), "judge": judge, "min_comply": min_comply,
+        "trials": len(results), "incomplete": len(incomplete),
+        "settings": len(Settings(results).keys),
+    }  # fmt: skip
+    name = f"report {Path(root).resolve().name}" + (f" ({judge})" if judge else "")
+    return tracking.log_report(
+        Path(out_dir), written, group=report_group(results, root), name=name, config=config,
+        logger=logger,
+    )  # fmt: skip
+
+
+def terminal_summary(markdown: str, written: list[Path]) -> list[str]:
+    """What the terminal gets: the report's headline lines, Table 1 one line per row, and the
+    paths (the tables themselves are in report.md)."""
+    lines = markdown.splitlines()
+    head = [line for line in lines[1:6] if line and not line.startswith("#")]
+    summary = [lines[0].lstrip("# "), *head]
+    table1 = next((p for p in written if p.name == "table1_zero_refusal.csv"), None)
+    if table1 is not None:
+        rows = pd.read_csv(table1, keep_default_na=False).to_dict("records")
+        if rows:
+            summary.append("Table 1 (R = 0 needs no REFUSE and enough COMPLY):")
+        for row in rows:
+            n = row["n_harmful"]
+            where = (
+                f"best R at layer {row['layer']} w={row['weight']:g}"
+                if row["status"] == "not_reached"
+                else f"layer {row['layer']} w={row['weight']:g}"
+            )
+            summary.append(
+                f"  {row['setting']}: {row['status'].replace('_', ' ')}, {where}: REFUSE "
+                f"{_fmt_count(_number(row['refusals']))}/{_fmt_count(_number(n))}, COMPLY "
+                f"{_fmt_count(_number(row['comply']))}/{_fmt_count(_number(n))}, KL "
+                f"{_fmt_kl(_number(row['kl_divergence']))}"
+            )
+    incomplete = [line for line in lines if line.startswith("## Incomplete") or line.startswith(
+        "## Not re-judged")]  # fmt: skip
+    for title in incomplete:
+        start = lines.index(title) + 2
+        summary.append(title.lstrip("# ") + ":")
+        summary += [f"  {line[2:]}" for line in lines[start:] if line.startswith("- ")][:20]
+    pngs = [p for p in written if p.suffix == ".png"]
+    csvs = [p for p in written if p.suffix == ".csv" and p.parent != written[0].parent]
+    summary.append("wrote:")
+    summary += [f"  {p}" for p in written[:2]]
+    if csvs:
+        summary.append(f"  {len(csvs)} CSV tables in {csvs[0].parent}")
+    summary += [f"  {p}" for p in pngs]
+    if pngs:
+        summary.append(f"  each trial's figures in <trial>/{plots.PLOTS_DIR}/")
+    return summary
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def outcome_counts_unedited(results: Results) -> int | None:
@@ -1758,17 +2018,40 @@ def main(argv: list[str] | None = None) -> int:
         help="COMPLY rate that 'R = 0 reached' requires besides zero refusals "
         f"(default {MIN_COMPLY})",
     )
+    parser.add_argument(
+        "--no-trial-figures",
+        action="store_true",
+        help="do not draw each trial's own figures into <trial>/plots/ (drawn by default where "
+        "missing or older than the trial's results.json)",
+    )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the report as a W&B run (job_type=report) in the sweep's group: "
+        "report.csv as a table, every figure, report.md and the CSVs as an artifact "
+        "(mode: $WANDB_MODE, else --wandb-mode)",
+    )
+    parser.add_argument(
+        "--wandb-mode",
+        choices=("offline", "online"),
+        default="offline",
+        help="online uploads now (falling back to offline), offline writes DIR/wandb/offline-run-* "
+        "for a later `wandb sync` (default: offline; $WANDB_MODE wins when set)",
+    )
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return 2
     markdown, written, incomplete = write_report(
-        args.directory, args.out, args.min_comply, args.judge
+        args.directory, args.out, args.min_comply, args.judge, not args.no_trial_figures
     )
-    print(markdown)
-    print("wrote:")
-    for path in written:
-        print(f"  {path}")
+    print("\n".join(terminal_summary(markdown, written)))
+    if args.wandb:
+        run_dir = log_report_run(
+            args.directory, args.out or args.directory, written, args.judge, args.min_comply,
+            args.wandb_mode,
+        )  # fmt: skip
+        print(f"W&B report run: {run_dir}" if run_dir else "W&B report run: not logged")
     if incomplete:
         what = "incomplete" if args.judge is None else "incomplete or not re-judged"
         print(f"{len(incomplete)} {what} trial(s) listed at the end of {written[0]}")
