@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pytest
 from hydra.experimental.callback import Callback
 from test_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
     LAUNCH_TIMEOUT_S,
+    REPO,
     Sweep,
     _results,
     _skip_count,
@@ -187,6 +189,27 @@ def test_group_keys_read_override_values():
     )  # fmt: skip
     with pytest.raises(ValueError):
         plan_packs([["layer=1"]], 0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("hydra.launcher.group_by=[baselin]",
+         "error: hydra.launcher.group_by: 'baselin' is not a key of this config; valid: ablation, "),
+        ("hydra.launcher.trials_per_job=0",
+         "error: hydra.launcher.trials_per_job=0 is not valid; valid: an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_packing_settings_fail_before_any_job(tmp_path, override, message):
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}",
+         "hydra.launcher.trials_per_job=2", override, "layer=1,2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / ".submitit").exists()
 
 
 # --- packed sweeps on SLURM --------------------------------------------------------------------
