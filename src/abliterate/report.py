@@ -61,6 +61,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from collections import defaultdict
@@ -1925,8 +1926,9 @@ def log_report_run(
         "settings": len(Settings(results).keys),
     }  # fmt: skip
     name = f"report {Path(root).resolve().name}" + (f" ({judge})" if judge else "")
+    group = os.environ.get("WANDB_RUN_GROUP") or report_group(results, root)
     return tracking.log_report(
-        Path(out_dir), written, group=report_group(results, root), name=name, config=config,
+        Path(out_dir), written, group=group, name=name, config=config,
         logger=logger,
     )  # fmt: skip
 
