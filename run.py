@@ -11,6 +11,7 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from abliterate.cache import LockTimeout
 from abliterate.config import ConfigError, register_configs
 from abliterate.pipeline import main
 from abliterate.prompts import PromptDataError
@@ -23,7 +24,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def app(cfg: DictConfig) -> float:
     try:
         return main(cfg)
-    except (ConfigError, PromptDataError) as error:
+    except (ConfigError, PromptDataError, LockTimeout) as error:
         # Hydra prints a compact exception as its message alone (no traceback) and exits 1; in a
         # multirun the other trials still run and the sweep then fails naming this one
         raise CompactHydraException(f"error: {error}") from None

@@ -69,7 +69,7 @@ def test_second_extraction_reads_the_cache_without_a_forward_pass(tiny_loaded, t
 def test_corrupted_cache_entry_is_detected_and_rebuilt(tiny_loaded, tmp_path):
     loaded = tiny_loaded("llama")
     first = collect_activations(loaded, PROMPTS, "last", 2, tmp_path)
-    (entry,) = (tmp_path / "activations").glob("*.safetensors")
+    (entry,) = (tmp_path / "activations").glob("*/activations.safetensors")
     data = bytearray(entry.read_bytes())
     data[-8:] = b"\x00" * 8  # flip tensor bytes: the checksum no longer matches
     entry.write_bytes(bytes(data))

@@ -138,7 +138,7 @@ def test_lock_timeout_default_comes_from_config_then_environment(monkeypatch):
     finally:
         cache.configure_lock_timeout(None)
     monkeypatch.setenv(cache.LOCK_TIMEOUT_ENV, "soon")
-    with pytest.raises(ConfigError, match="ABLITERATE_LOCK_TIMEOUT='soon'"):
+    with pytest.raises(ConfigError, match="ABLITERATE_LOCK_TIMEOUT=.soon. must be"):
         cache.default_lock_timeout()
 
 
@@ -354,3 +354,80 @@ def test_check_lock_support_fails_with_one_line_naming_cache_dir(tmp_path, monke
     assert "a second process acquired a lock this process held" in str(error.value)
     assert "\n" not in str(error.value)
     cache._check_lock_support.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The refuser build as a cache entry (with a stand-in for the 20-minute build)
+
+
+def _fake_refuser_files(directory: Path, value: float) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": torch.full((4, 4), value)}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (directory / "refuser_card.json").write_text(json.dumps({"meets_targets": True}))
+
+
+def test_refuser_build_without_manifest_is_adopted_and_damaged_weights_rebuilt(
+    tmp_path, monkeypatch, caplog
+):
+    from abliterate import provenance, refuser
+
+    builds = []
+
+    def fake_build(output_dir, recipe, base_path):
+        builds.append(output_dir)
+        _fake_refuser_files(output_dir, 2.0)
+        return {}
+
+    monkeypatch.setattr(refuser, "build_refuser", fake_build)
+    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.RefuserRecipe(), refuser.find_base_gguf())}"
+    legacy = tmp_path / "models" / name
+    _fake_refuser_files(legacy, 1.0)  # as an earlier version left it: card, weights, no manifest
+    identity = provenance.folder_signature(legacy)
+    caplog.set_level(logging.INFO, logger="abliterate.cache")
+
+    assert refuser.ensure_refuser(tmp_path) == legacy
+    assert builds == []  # adopted, not rebuilt
+    assert json.loads((legacy / cache.MANIFEST).read_text())["adopted"] is True
+    # the manifest is not part of the model's identity: no activation or evaluation cache key
+    # changes because of it
+    assert provenance.folder_signature(legacy) == identity
+    assert refuser.ensure_refuser(tmp_path) == legacy and builds == []
+
+    weights = legacy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit of one weight: the header still reads, only the sha256 sees it
+    weights.write_bytes(bytes(data))
+    caplog.clear()
+    assert refuser.ensure_refuser(tmp_path) == legacy
+    assert len(builds) == 1 and builds[0].name.endswith(".tmp")  # built in staging, renamed
+    from safetensors.torch import load_file
+
+    assert float(load_file(str(weights))["weight"][0, 0]) == 2.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "model.safetensors fails its sha256" in warnings[0]
+    assert json.loads((legacy / cache.MANIFEST).read_text())["adopted"] is False
+
+
+def test_lock_timeout_setting_is_checked(monkeypatch):
+    for bad in (-1, float("nan"), float("inf"), "soon"):
+        with pytest.raises(ConfigError, match=r"^paths\.lock_timeout_s=.* must be a finite"):
+            cache.configure_lock_timeout(bad)
+    monkeypatch.setenv(cache.LOCK_TIMEOUT_ENV, "-5")
+    with pytest.raises(ConfigError, match="ABLITERATE_LOCK_TIMEOUT='-5' must be a finite"):
+        cache.default_lock_timeout()
+
+
+def test_an_error_of_the_computation_is_not_called_a_write_error(tmp_path):
+    disk = cache.DiskCache(tmp_path, "things")
+
+    def create(_directory):
+        (tmp_path / "no-such-model" / "config.json").read_text()
+
+    with pytest.raises(FileNotFoundError) as error:
+        disk.get_or_create("k1", Builder.load, create)
+    assert "could not write" not in str(error.value) and "no-such-model" in str(error.value)
+    assert sorted(p.name for p in (tmp_path / "things").iterdir() if p.name != "k1.lock") == []

@@ -349,7 +349,8 @@ def _first(pattern: str, root: Path) -> Path | None:
 
 KILL_POINTS = {
     # glob under the cache that marks the stage, and what is running when it appears
-    "activations": "activations/*.safetensors",  # first entry written; others still computing
+    # first entry written (its own name, not the staging it is renamed from); others computing
+    "activations": "activations/" + "?" * 20 + "/activations.safetensors",
     "baseline-evaluation": "baseline_eval/*.lock",  # the unedited model is generating
     # baseline stored, ablated model running; the entry's own name (a 20-character key), not
     # the staging directory it is renamed from ("<key>.tmp-<pid>"), where a kill would come

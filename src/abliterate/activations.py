@@ -6,29 +6,27 @@ generation prompt (``position=last``), or its mean over the template tokens that
 instruction (``position=mean_post_instruction``). Prompts are left-padded so the last token is at
 index -1 in every row.
 
-Entries live in ``<cache>/activations/<key>.safetensors``, keyed by model identity, dtype,
-prompts, position and chat template, written atomically under a file lock with a checksum, so
-every later trial and process (and every SLURM job sharing the cache) reuses them.
+Entries live in ``<cache>/activations/<key>/activations.safetensors``, keyed by model identity,
+dtype, prompts, position and chat template, and go through the caching layer
+(:class:`abliterate.cache.DiskCache`: written atomically under a lock, checksummed, rebuilt when
+damaged), so every later trial and process (and every SLURM job sharing the cache) reuses them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from abliterate.architectures import get_decoder_layers
+from abliterate.cache import DiskCache, content_key, save_safetensors_atomic
 from abliterate.models import LoadedModel, count_post_instruction_tokens, format_chat
 from abliterate.prompts import PromptSet
-from abliterate.provenance import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -80,40 +78,14 @@ def activation_cache_key(
         "position": position,
         "template": template_fingerprint(loaded),
     }
-    return cache_key(parts)
+    return content_key(parts)
 
 
-def _checksum(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+ENTRY_FILE = "activations.safetensors"
 
 
-def _read_entry(path: Path) -> torch.Tensor | None:
-    """The cached tensor, or None if it is missing, truncated or fails its checksum."""
-    if not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        values = load_file(str(path))["activations"]
-    except (SafetensorError, OSError, KeyError, RuntimeError) as error:
-        log.warning("activation cache entry %s is unreadable (%s); recomputing", path, error)
-        return None
-    if metadata.get("sha256") != _checksum(values):
-        log.warning("activation cache entry %s fails its checksum; recomputing", path)
-        return None
-    return values
-
-
-def _write_entry(path: Path, values: torch.Tensor, metadata: dict[str, str]) -> None:
-    temporary = path.with_suffix(f".tmp-{os.getpid()}")
-    save_file(
-        {"activations": values.contiguous()},
-        str(temporary),
-        metadata={**metadata, "sha256": _checksum(values)},
-    )
-    os.replace(temporary, path)  # atomic: readers see the old state or the whole new file
+def _load_entry(directory: Path) -> torch.Tensor:
+    return load_file(str(directory / ENTRY_FILE))["activations"]
 
 
 def check_position(position: str) -> None:
@@ -242,18 +214,10 @@ def collect_activations(
             loaded, prompt_set.prompts, position, batch_size, progress=prompt_set.name
         )
         return Activations(prompt_set, values, cache_hit=False)
-    directory = Path(cache_dir) / "activations"
-    directory.mkdir(parents=True, exist_ok=True)
+    disk = DiskCache(cache_dir, "activations")
     key = activation_cache_key(loaded, prompt_set, position, batch_size)
-    path = directory / f"{key}.safetensors"
-    cached = _read_entry(path)
-    if cached is not None:
-        return Activations(prompt_set, cached, cache_hit=True)
-    # Concurrent jobs on a shared cache: one computes, the others wait and then read.
-    with FileLock(str(directory / f"{key}.lock")):
-        cached = _read_entry(path)
-        if cached is not None:
-            return Activations(prompt_set, cached, cache_hit=True)
+
+    def compute(directory: Path) -> torch.Tensor:
         values = run_forward_passes(
             loaded,
             prompt_set.prompts,
@@ -267,5 +231,11 @@ def collect_activations(
             "position": position,
             "n_prompts": str(len(prompt_set)),
         }
-        _write_entry(path, values, metadata)
-    return Activations(prompt_set, values, cache_hit=False)
+        save_safetensors_atomic(
+            directory / ENTRY_FILE, {"activations": values.contiguous()}, metadata
+        )
+        return values
+
+    # concurrent jobs on a shared cache: one computes, the others wait on its lock and then read
+    values, hit = disk.get_or_create(key, _load_entry, compute)
+    return Activations(prompt_set, values, cache_hit=hit)

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -153,7 +154,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield staging
         _fsync_tree(staging)
         if staging.is_dir() and path.is_dir():
-            aside = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.old.tmp")
+            aside = path.with_name(f".{path.name}.old.{HOST}.{os.getpid()}.tmp")
             _remove(aside)
             os.replace(path, aside)
             os.replace(staging, path)
@@ -163,9 +164,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent, directory=True)
     except BaseException as error:
         _remove(staging)
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and _is_write_error(error, path, staging):
             raise write_error(path, error) from error
         raise
+
+
+def _is_write_error(error: OSError, path: Path, staging: Path) -> bool:
+    """An error of writing ``path`` (a write to an open handle names no file), not one of the
+    computation that ran inside the block (reading a model file, say)."""
+    if isinstance(error, TimeoutError):
+        return False
+    name = error.filename
+    return name is None or str(name).startswith((str(staging), str(path)))
 
 
 def write_text_atomic(path: str | Path, write: Callable[[TextIO], None]) -> None:
@@ -295,9 +305,27 @@ def _write_holder(lock_path: Path, holder: Holder) -> None:
 
 
 def configure_lock_timeout(seconds: float | None) -> None:
-    """Set the process's default lock timeout (``paths.lock_timeout_s``); None: the default."""
+    """Set the process's default lock timeout (``paths.lock_timeout_s``); None: the default.
+
+    Raises:
+        ConfigError: not a finite number >= 0.
+    """
     global _configured_lock_timeout_s
+    if seconds is not None and not (
+        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0
+    ):
+        raise ConfigError(
+            f"paths.lock_timeout_s={seconds!r} must be a finite number of seconds >= 0 or null "
+            f"(${LOCK_TIMEOUT_ENV}, else {DEFAULT_LOCK_TIMEOUT_S:g})"
+        )
     _configured_lock_timeout_s = None if seconds is None else float(seconds)
+
+
+def configure(paths: Any) -> None:
+    """Apply a trial's ``paths`` config: its lock timeout, and the check that its cache directory
+    supports locks (once per process), before any model loads."""
+    configure_lock_timeout(getattr(paths, "lock_timeout_s", None))
+    check_lock_support(paths.cache_dir)
 
 
 def default_lock_timeout() -> float:
@@ -307,9 +335,14 @@ def default_lock_timeout() -> float:
     value = os.environ.get(LOCK_TIMEOUT_ENV)
     if value:
         try:
-            return float(value)
+            seconds = float(value)
         except ValueError:
-            raise ConfigError(f"${LOCK_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ConfigError(
+                f"${LOCK_TIMEOUT_ENV}={value!r} must be a finite number of seconds >= 0"
+            )
+        return seconds
     return DEFAULT_LOCK_TIMEOUT_S
 
 
@@ -471,7 +504,8 @@ def write_manifest(directory: Path, adopted: bool = False) -> dict[str, Any]:
         # adopted: made by a version without manifests; its files were checksummed on first read
         "adopted": adopted,
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # atomic: a process adopting an entry can race another one reading it
+    write_text_atomic(directory / MANIFEST, lambda handle: json.dump(manifest, handle, indent=1))
     return manifest
 
 

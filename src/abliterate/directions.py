@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -32,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from abliterate.cache import save_safetensors_atomic
 from abliterate.som import assign_winners, train_som, train_soms_lockstep
 
 BASELINES = ("matched", "unmatched")
@@ -540,7 +539,7 @@ def _json_default(value: Any) -> Any:
 def save_directions(
     path: str | Path, directions: Directions, extra_metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write the directions to safetensors (tensor ``vectors``), atomically.
+    """Write the directions to safetensors (tensor ``vectors``), atomically and fsynced.
 
     Metadata: ``layer``, ``labels`` (JSON; the category names for som_per_class), ``norms``
     (JSON), ``degenerate``, ``win_counts`` (JSON), ``info`` (JSON), plus ``extra_metadata``
@@ -568,9 +567,10 @@ def save_directions(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"vectors": directions.vectors.detach().float().contiguous()}, str(partial), metadata)
-    os.replace(partial, path)
+    # fsynced before results.json is written; a full disk is the one-line write error
+    save_safetensors_atomic(
+        path, {"vectors": directions.vectors.detach().float().contiguous()}, metadata
+    )
 
 
 def load_directions(path: str | Path) -> Directions:

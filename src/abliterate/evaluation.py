@@ -24,24 +24,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from abliterate.cache import DiskCache, content_key
 from abliterate.config import ConfigError
 from abliterate.generation import end_token_ids, generate
 from abliterate.judge import COMPLY, EVASIVE, INCOHERENT, OUTCOMES, REFUSE, Judge, build_judge
 from abliterate.models import LoadedModel, format_chat
 from abliterate.prompts import PromptSet
-from abliterate.provenance import cache_key, digest
+from abliterate.provenance import digest
 from abliterate.stats import rate_record
 
 log = logging.getLogger(__name__)
@@ -484,7 +481,7 @@ def baseline_eval_key(
     }
     # with the results version (2: the KL reference ends where the model ends it), torch and
     # transformers: an entry made by other code or other numerics is never reused
-    return cache_key(settings)
+    return content_key(settings)
 
 
 def judge_fingerprint(judge: Judge) -> str:
@@ -505,49 +502,36 @@ def judge_fingerprint(judge: Judge) -> str:
     )
 
 
-def _load_baseline(directory: Path) -> BaselineEvaluation | None:
-    """The cached entry, or None if it is missing, damaged or of another format."""
-    try:
-        payload = json.loads((directory / "sets.json").read_text())
-        tensors = load_file(str(directory / "kl_reference.safetensors"))
-        sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
-        for name in ACTIVATION_SETS:
-            sets[name].activations = tensors.get(f"{name}_activations")
-        reference = KLReference(
-            tensors["input_ids"],
-            tensors["attention_mask"],
-            tensors["positions_mask"].bool(),
-            tensors["log_probs"],
-            tensors.get("top_indices"),
-        )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-        if directory.exists():
-            log.warning(
-                "baseline evaluation cache %s is unreadable (%s); recomputing", directory, error
-            )
-        return None
+def _load_baseline(directory: Path) -> BaselineEvaluation:
+    """A cached entry (checksums verified by the caching layer); raises on another format."""
+    payload = json.loads((directory / "sets.json").read_text())
+    tensors = load_file(str(directory / "kl_reference.safetensors"))
+    sets = {name: SetResult(**values) for name, values in payload["sets"].items()}
+    for name in ACTIVATION_SETS:
+        sets[name].activations = tensors.get(f"{name}_activations")
+    reference = KLReference(
+        tensors["input_ids"],
+        tensors["attention_mask"],
+        tensors["positions_mask"].bool(),
+        tensors["log_probs"],
+        tensors.get("top_indices"),
+    )
     return BaselineEvaluation(sets, reference, cache_hit=True)
 
 
 def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
-    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
+    """Write an entry's files into ``directory`` (the caching layer's staging directory)."""
     tensors = {k: v.contiguous() for k, v in baseline.kl_reference.tensors().items()}
     tensors["positions_mask"] = tensors["positions_mask"].to(torch.uint8)
     for name in ACTIVATION_SETS:
         activations = baseline.sets[name].activations
         if activations is not None:
             tensors[f"{name}_activations"] = activations.contiguous()
-    save_file(tensors, str(staging / "kl_reference.safetensors"))
-    (staging / "sets.json").write_text(
+    # serialised here and written by Python: a full disk is an OSError like every other write
+    (directory / "kl_reference.safetensors").write_bytes(save(tensors))
+    (directory / "sets.json").write_text(
         json.dumps({"sets": {k: v.texts() for k, v in baseline.sets.items()}})
     )
-    if directory.exists():  # an unreadable entry (the caller holds the entry's lock)
-        stale = directory.with_name(f"{directory.name}.stale-{os.getpid()}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(directory, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(staging, directory)  # atomic: never half-written under the real name
 
 
 def evaluate_baseline(
@@ -559,6 +543,11 @@ def evaluate_baseline(
     judge: Judge | None = None,
 ) -> BaselineEvaluation:
     """The unedited model's evaluation, from the cache when present.
+
+    Entries live in ``<cache>/baseline_eval/<key>/`` (``sets.json``, ``kl_reference.safetensors``)
+    and go through the caching layer: built by one process under a lock, checksummed, rebuilt
+    when damaged. An entry written before entries had checksums is kept when it loads (its
+    manifest is recorded then): the unedited model's evaluation costs minutes to recompute.
 
     Args:
         capture_position: also keep the harmful prompts' activations at this position (see
@@ -572,20 +561,16 @@ def evaluate_baseline(
 
     if cache_dir is None:
         return compute()
-    root = Path(cache_dir) / "baseline_eval"
-    root.mkdir(parents=True, exist_ok=True)
+    disk = DiskCache(cache_dir, "baseline_eval", adopt=True)
     judge = judge or build_judge()
     key = baseline_eval_key(loaded, prompts, cfg, capture_position, judge)
-    directory = root / key
-    cached = _load_baseline(directory)
-    if cached is not None:
-        return cached
-    with FileLock(str(root / f"{key}.lock")):
-        cached = _load_baseline(directory)
-        if cached is not None:
-            return cached
+
+    def create(directory: Path) -> BaselineEvaluation:
         baseline = compute()
         _store_baseline(directory, baseline)
+        return baseline
+
+    baseline, _ = disk.get_or_create(key, _load_baseline, create)
     return baseline
 
 

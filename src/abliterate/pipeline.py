@@ -626,6 +626,7 @@ def main(cfg: DictConfig) -> float | list[float]:
     from abliterate import cache, tracking
 
     validate_config(cfg)  # a typo fails before a W&B run is started for it
+    cache.configure(cfg.paths)  # the lock timeout; locks work in paths.cache_dir (before loading)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as trial_lock:

@@ -6,13 +6,14 @@ sees either no file or a complete one; ``status`` is ``complete`` only in that f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+from abliterate.cache import write_text_atomic
 
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
@@ -34,26 +35,13 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write through a temporary file, fsync, then rename over ``path``.
+    """Write through a staging file, fsync, then rename over ``path`` (the caching layer's
+    :func:`abliterate.cache.write_text_atomic`).
 
-    On any OSError (a full disk, a quota, a vanished directory) the temporary file is removed and
+    On any OSError (a full disk, a quota, a vanished directory) the staging file is removed and
     the error says which file could not be written; whatever ``path`` held before is untouched.
     """
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temporary.open("w") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise OSError(
-            error.errno,
-            f"could not write {path}: {error.strerror or error}; its previous content (if any) "
-            "is unchanged",
-        ) from error
+    write_text_atomic(path, write)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -24,16 +24,15 @@ import logging
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tqdm.auto import tqdm
 
+from abliterate.cache import DiskCache
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, format_chat, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.phrasing import FAMILIES, KINDS, corpus_digest, families_of, load_phrasing
@@ -160,26 +159,45 @@ def refuser_key(recipe: RefuserRecipe, base_path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+CARD_FILE = "refuser_card.json"
+
+
+def _load_refuser(directory: Path) -> Path:
+    """An entry is usable when its card reads and its weights' safetensors header is consistent
+    with the file (checksums are the caching layer's)."""
+    from safetensors import safe_open
+
+    card = json.loads((directory / CARD_FILE).read_text())
+    json.loads((directory / "config.json").read_text())
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        if not list(handle.keys()):
+            raise ValueError("model.safetensors holds no tensors")
+    warn_missed_targets(card, directory)
+    return directory
+
+
 def ensure_refuser(
     cache_dir: str | Path | None = None, recipe: RefuserRecipe | None = None
 ) -> Path:
-    """The directory of the built refuser, building it first if it is not cached."""
+    """The directory of the built refuser, building it first if it is not cached.
+
+    The build is an entry of the caching layer (``<cache>/models/<name>/``): one builder at a
+    time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
+    damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
+    is kept when its card and weights header read (its files' checksums are recorded then): a
+    rebuild costs about 20 CPU minutes, and the earlier version trusted the same files.
+    """
     recipe = recipe or RefuserRecipe()
     base_path = find_base_gguf()
     name = f"smollm2-135m-refuser-{refuser_key(recipe, base_path)}"
-    models_dir = cache_root(cache_dir) / "models"
-    target = models_dir / name
-    models_dir.mkdir(parents=True, exist_ok=True)
-    # One builder at a time per cache: concurrent jobs wait for the first one's result.
-    with FileLock(str(models_dir / f"{name}.lock")):
-        if (target / "refuser_card.json").is_file():
-            warn_missed_targets(json.loads((target / "refuser_card.json").read_text()), target)
-            return target
-        staging = models_dir / f".{name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        build_refuser(staging, recipe, base_path)
-        staging.rename(target)  # atomic: a half-built model is never seen under its real name
-    return target
+    disk = DiskCache(cache_root(cache_dir), "models", adopt=True)
+
+    def build(directory: Path) -> Path:
+        build_refuser(directory, recipe, base_path)
+        return disk.path(name)
+
+    directory, _ = disk.get_or_create(name, _load_refuser, build)
+    return directory
 
 
 def _set_seed(seed: int) -> None:
@@ -430,7 +448,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     ]
     card["meets_targets"] = not missed
     card["missed_targets"] = missed
-    (output_dir / "refuser_card.json").write_text(json.dumps(card, indent=2))
+    (output_dir / CARD_FILE).write_text(json.dumps(card, indent=2))
     if missed:
         # The model is kept (the experiments still run on it, and the card says what it is), but
         # every use says so loudly and `python -m abliterate.refuser build` exits non-zero.
