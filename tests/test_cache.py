@@ -431,3 +431,31 @@ def test_an_error_of_the_computation_is_not_called_a_write_error(tmp_path):
         disk.get_or_create("k1", Builder.load, create)
     assert "could not write" not in str(error.value) and "no-such-model" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "things").iterdir() if p.name != "k1.lock") == []
+
+
+def test_a_cache_lock_timeout_is_one_error_line_through_the_cli(tmp_path):
+    from abliterate import refuser
+
+    repo = Path(__file__).resolve().parents[1]
+    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.RefuserRecipe(), refuser.find_base_gguf())}"
+    lock_path = tmp_path / "cache" / "models" / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True)
+    # another node is building the embedded model (and may have died: no way to tell from here)
+    holder, _ = hold_lock(lock_path, host="node-elsewhere.cluster")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update(HOME=str(tmp_path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run(
+            [sys.executable, "run.py", "logger=none", "eval=quick",
+             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+             "paths.lock_timeout_s=1"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        stop(holder)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: timed out after 1 s waiting for lock {lock_path}, held by ")
+    assert f"node-elsewhere.cluster:{holder.pid} since" in line
+    assert not (tmp_path / "cache" / "models" / name).exists()
