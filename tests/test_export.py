@@ -221,3 +221,30 @@ def test_cli_errors_through_the_interpreter(finished_trial, tmp_path):
     assert push.stderr.strip().startswith("error: --push-to-hub someone/tiny needs the network")
     assert len(push.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_export_refuses_weights_other_than_the_trials(tiny_model_dir, tmp_path, capsys):
+    """results.json records the model's identity; export checks the weights it loads against it
+    (a model folder changed after the trial is refused unless --any-weights), and a trial from
+    before the identity was recorded is exported with a warning."""
+    model_dir = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = compose_trial(model_dir, tmp_path, "logger=none")
+    results = run_trial(cfg, session=Session())
+    trial = tmp_path / "out"
+    assert results["provenance"]["model_identity"].startswith(f"hub-dir:{model_dir.resolve()}:")
+
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + "\n")
+    capsys.readouterr()
+    assert main([str(trial), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the one the trial edited" in err[0], err
+    assert "pass --any-weights" in err[0] and not (tmp_path / "a").exists()
+    assert main([str(trial), "--out", str(tmp_path / "a"), "--any-weights"]) == 0
+    assert "warning: the model at model.path=" in capsys.readouterr().err
+
+    older = json.loads((trial / "results.json").read_text())
+    del older["provenance"]["model_identity"]
+    (trial / "results.json").write_text(json.dumps(older))
+    assert main([str(trial), "--out", str(tmp_path / "b")]) == 0
+    assert "records no model identity (an older trial)" in capsys.readouterr().err

@@ -144,7 +144,8 @@ def open_target(
         if dtype is not None:
             raise ChatError("--dtype applies to a model folder or id; a trial uses its own")
         edit = read_trial_edit(path)
-        loaded, writers = load_trial_model(edit, device)
+        # other weights than the trial's: a warning here (exploring), an error in export
+        loaded, writers = load_trial_model(edit, device, check_identity=False)
         with applied_edit(writers, edit):
             yield loaded
         return

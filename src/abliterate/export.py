@@ -41,6 +41,7 @@ from abliterate.architectures import ResidualWriters, resolve_residual_writers
 from abliterate.config import AblationConfig, ConfigError
 from abliterate.directions import load_directions
 from abliterate.models import LoadedModel, load_model
+from abliterate.provenance import model_identity
 from abliterate.stats import wilson_interval
 
 CARD_FILE = "abliteration_card.json"
@@ -174,21 +175,52 @@ def _trial_config(trial_dir: Path, results: dict[str, Any]) -> DictConfig:
 
 
 def load_trial_model(
-    edit: TrialEdit, device: str | None = None, cache_dir: str | Path | None = None
+    edit: TrialEdit,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    check_identity: bool = True,
 ) -> tuple[LoadedModel, ResidualWriters]:
-    """Load the trial's (unedited) model as the trial did, from its ``model`` config.
+    """Load the trial's (unedited) model as the trial did, from its ``model`` config, and check
+    that its weights are the ones the trial edited.
+
+    results.json records ``provenance.model_identity`` (the hub commit, or a local folder's or
+    file's signature). An embedded trial loads the recorded folder itself, so a later build of
+    the embedded model (a new recipe) is never taken for the trial's. A trial made before the
+    identity was recorded is loaded from its config with a warning.
 
     Args:
         edit: from :func:`read_trial_edit`.
         device: overrides ``model.device`` (e.g. ``cpu`` to export a GPU trial on a laptop).
         cache_dir: overrides ``paths.cache_dir`` (where the embedded model is built).
+        check_identity: refuse weights other than the recorded ones (else a warning).
 
     Raises:
-        ExportError: the model cannot be loaded (its path is gone, the hub is offline...).
+        ExportError: the model cannot be loaded (its path is gone, the hub is offline...), or
+            its weights are not the trial's.
     """
     model_cfg = edit.config.model
     if device is not None:
         model_cfg = OmegaConf.merge(model_cfg, {"device": device})
+    recorded = (edit.results.get("provenance") or {}).get("model_identity")
+    if recorded is None:
+        print(
+            f"warning: {edit.trial_dir}: results.json records no model identity (an older "
+            f"trial); the weights now at model.path={model_cfg.path} are taken to be the trial's",
+            file=sys.stderr,
+        )
+    elif model_cfg.source == "embedded":
+        directory = Path(recorded.split(":", 1)[1].rsplit(":", 1)[0])
+        if not directory.is_dir():
+            raise ExportError(
+                f"the trial's embedded model {directory} is no longer in the cache; rebuild that "
+                "version or rerun the trial"
+            )
+        model_cfg = OmegaConf.merge(model_cfg, {"source": "hub", "path": str(directory)})
+    local = Path(str(model_cfg.path)).expanduser()
+    if recorded is not None and model_cfg.source != "embedded" and local.exists():
+        # a local folder or file is identified without loading it: refuse before the weights
+        now = model_identity(model_cfg.source, local)
+        _check_identity(recorded, now, model_cfg.path, check_identity)
     cache = cache_dir or OmegaConf.select(edit.config, "paths.cache_dir") or "."
     try:
         loaded = load_model(model_cfg, cache)
@@ -199,7 +231,28 @@ def load_trial_model(
         raise ExportError(
             f"the trial's model (model.path={model_cfg.path}) cannot be loaded: {first_line}"
         ) from None
+    if recorded is not None and not local.exists():
+        _check_identity(recorded, loaded.identity, model_cfg.path, check_identity)
     return loaded, resolve_residual_writers(loaded.model)
+
+
+def _check_identity(recorded: str, now: str, path: Any, strict: bool) -> None:
+    if _weights_of(now) == _weights_of(recorded):
+        return
+    message = (
+        f"the model at model.path={path} is not the one the trial edited (identity then "
+        f"{recorded}, now {now})"
+    )
+    if strict:
+        raise ExportError(f"{message}; pass --any-weights to use it anyway")
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _weights_of(identity: str) -> str:
+    """A model identity without its source prefix (``embedded-dir:`` and ``hub-dir:`` name the
+    same folder the same way)."""
+    kind, _, rest = identity.partition(":")
+    return f"dir:{rest}" if kind.endswith("-dir") else identity
 
 
 @contextlib.contextmanager
@@ -256,6 +309,7 @@ def export_trial(
     loaded: LoadedModel | None = None,
     writers: ResidualWriters | None = None,
     device: str | None = None,
+    check_identity: bool = True,
 ) -> Path:
     """Rebuild a trial's edit from its records and save the edited model to ``out``.
 
@@ -270,6 +324,7 @@ def export_trial(
         loaded, writers: the trial's model already in memory (``export=true``); loaded from the
             trial's config when None.
         device: overrides ``model.device`` when the model is loaded here.
+        check_identity: refuse weights other than the trial's (see :func:`load_trial_model`).
 
     Returns:
         The exported folder.
@@ -282,7 +337,7 @@ def export_trial(
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists; choose another --out or pass --overwrite")
     if loaded is None:
-        loaded, writers = load_trial_model(edit, device)
+        loaded, writers = load_trial_model(edit, device, check_identity=check_identity)
     if writers is None:
         writers = resolve_residual_writers(loaded.model)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -299,12 +354,6 @@ def export_trial(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def export_model(loaded: LoadedModel, directory: Path, results: dict[str, Any]) -> Path:
-    """Save the edited model in memory (called by the pipeline inside its own edit) into
-    ``directory`` below the trial's directory, whose directions file is already written."""
-    return save_edited_model(loaded, directory, read_trial_edit(directory.parent, results))
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
@@ -576,12 +625,22 @@ def main(argv: list[str] | None = None) -> int:
         "and a token)",
     )
     parser.add_argument("--private", action="store_true", help="create the hub repo private")
+    parser.add_argument(
+        "--any-weights",
+        action="store_true",
+        help="export even when the model's weights are not the ones the trial recorded "
+        "(a moved or copied local folder, say)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.push_to_hub is not None:
             check_push_possible(args.push_to_hub)
         folder = export_trial(
-            args.trial_dir, args.out, overwrite=args.overwrite, device=args.device
+            args.trial_dir,
+            args.out,
+            overwrite=args.overwrite,
+            device=args.device,
+            check_identity=not args.any_weights,
         )
     except (ExportError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

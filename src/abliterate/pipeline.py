@@ -497,28 +497,20 @@ def _geometry_stage(
     return geometry
 
 
-def _export_stage(
-    cfg: DictConfig,
-    inputs: TrialInputs,
-    directions: directions_stage.Directions,
-    edit: EditSettings,
-    output_dir: Path,
-    results: dict[str, Any],
-) -> None:
-    """``export=true``: save the edited model as a from_pretrained folder under the trial."""
-    from abliterate.export import export_model
+def _export_stage(inputs: TrialInputs, output_dir: Path, results: dict[str, Any]) -> None:
+    """``export=true``: the edit rebuilt from the records just written (directions.safetensors
+    and the results), applied to the weights and saved as ``model/`` under the trial: the code
+    path of ``python -m abliterate.export`` (hooks cannot be saved; they compute the same)."""
+    from abliterate.export import export_trial
 
-    # hooks cannot be saved; as in _edit_settings, a DictConfig stands in for AblationConfig
-    weights_mode = cast(AblationConfig, OmegaConf.merge(edit.ablation, {"mode": "weights"}))
-    with apply_ablation(
-        inputs.loaded.model,
-        inputs.writers,
-        directions.vectors,
-        inputs.layer,
-        weights_mode,
-        edit.scales,
-    ):
-        export_model(inputs.loaded, output_dir / "model", results)
+    export_trial(
+        output_dir,
+        output_dir / "model",
+        overwrite=True,
+        results=results,
+        loaded=inputs.loaded,
+        writers=inputs.writers,
+    )
 
 
 def run_trial(
@@ -573,7 +565,9 @@ def run_trial(
             ),
             geometry=geometry,
             cache={"activations": train.cache_state, "baseline_eval": baseline_cache},
-            provenance=provenance.provenance_record(cfg, inputs.loaded.batch_size),
+            provenance=provenance.provenance_record(
+                cfg, inputs.loaded.batch_size, inputs.loaded.identity
+            ),
         )
         directions_stage.save_directions(
             output_dir / records.DIRECTIONS_FILE,
@@ -586,7 +580,7 @@ def run_trial(
         )
         records.write_completions(output_dir, _completion_rows(edited.sets, baseline))
         if cfg.export:
-            _export_stage(cfg, inputs, directions, edit, output_dir, results)
+            _export_stage(inputs, output_dir, results)
     results["timing_s"] = timer.finish()
     records.write_results(output_dir, results)
     return results

@@ -172,14 +172,18 @@ def model_identity(
     return f"hub:{path}@{commit}"
 
 
-def provenance_record(cfg: Any, batch_size: int | None) -> dict[str, Any]:
-    """The ``provenance`` block of results.json."""
+def provenance_record(
+    cfg: Any, batch_size: int | None, model_identity: str | None = None
+) -> dict[str, Any]:
+    """The ``provenance`` block of results.json. ``model_identity`` (:func:`model_identity` of the
+    loaded weights) lets ``abliterate.export`` check that it edits the trial's weights."""
     return {
         "config_hash": config_hash(cfg),
         "code_version": code_version(),
         "git_commit": git_commit(),
         "versions": library_versions(),
         "batch_size": batch_size,
+        "model_identity": model_identity,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "hostname": platform.node(),
