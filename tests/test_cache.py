@@ -449,7 +449,7 @@ def test_a_cache_lock_timeout_is_one_error_line_through_the_cli(tmp_path):
             [sys.executable, "run.py", "logger=none", "eval=quick",
              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
              "paths.lock_timeout_s=1"],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     finally:
         stop(holder)
