@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 
 from abliterate.cache import DiskCache, content_key
 from abliterate.config import ConfigError
@@ -251,6 +252,7 @@ def evaluate_responses(
         loaded.batch_size,
         stop_when_decided=judge.is_decided if cfg.early_stop else False,
         capture_position=capture_position,
+        progress="generation",
     )
     generated_time = time.perf_counter()
     labels = judge.label(all_prompts, generation.responses)
@@ -374,7 +376,9 @@ def compute_kl_reference(
     # one batch at a time, coarse-grained before the next, so the full-vocabulary log-probs of
     # only one batch are ever held (100 prompts x 50 tokens x 248k vocabulary would be 5 GB)
     log_probs_parts, top_parts = [], []
-    for rows in _row_batches(len(input_ids), loaded.batch_size):
+    for rows in tqdm(
+        _row_batches(len(input_ids), loaded.batch_size), desc="KL reference", leave=False
+    ):
         batch_log_probs = _continuation_log_probs(
             loaded, input_ids[rows], attention_mask[rows], kl_tokens
         )  # (batch, kl_tokens, vocab)
@@ -399,7 +403,9 @@ def compute_kl(loaded: LoadedModel, reference: KLReference) -> float:
     kl_tokens = reference.positions_mask.shape[1]
     mask = reference.positions_mask
     total = torch.zeros((), dtype=torch.float64)
-    for rows in _row_batches(len(reference.input_ids), loaded.batch_size):
+    for rows in tqdm(
+        _row_batches(len(reference.input_ids), loaded.batch_size), desc="KL", leave=False
+    ):
         current = _continuation_log_probs(
             loaded, reference.input_ids[rows], reference.attention_mask[rows], kl_tokens
         )
