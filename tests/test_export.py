@@ -248,3 +248,19 @@ def test_export_refuses_weights_other_than_the_trials(tiny_model_dir, tmp_path, 
     (trial / "results.json").write_text(json.dumps(older))
     assert main([str(trial), "--out", str(tmp_path / "b")]) == 0
     assert "records no model identity (an older trial)" in capsys.readouterr().err
+
+
+def test_out_that_is_or_contains_the_trial_is_refused_even_with_overwrite(
+    finished_trial, tmp_path, capsys
+):
+    """--out TRIAL_DIR (or a folder above it) with --overwrite used to delete the trial's records
+    (results.json, directions, completions; or the whole sweep) to put the model there."""
+    trial = tmp_path / "sweep" / "0"
+    shutil.copytree(finished_trial, trial)
+    before = sorted(p.name for p in trial.iterdir())
+    for out in (trial, trial.parent, Path(os.path.relpath(trial.parent, Path.cwd()))):
+        assert main([str(trial), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is the trial directory or contains it" in err[0], err
+        assert sorted(p.name for p in trial.iterdir()) == before
+    assert not list((tmp_path / "sweep").glob(".*partial*"))

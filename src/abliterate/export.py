@@ -333,7 +333,15 @@ def export_trial(
         ExportError: see :func:`read_trial_edit`; ``out`` exists and is not empty.
     """
     edit = read_trial_edit(trial_dir, results)
-    target = Path(out) if out is not None else edit.trial_dir / "model"
+    # absolute, so that `--out .` has a name to stage beside
+    target = (Path(out) if out is not None else edit.trial_dir / "model").expanduser().resolve()
+    trial_resolved = edit.trial_dir.resolve()
+    if target == trial_resolved or target in trial_resolved.parents:
+        # --overwrite would delete the trial's records (or a whole sweep) to put the model there
+        raise ExportError(
+            f"--out {target} is the trial directory or contains it; choose a folder outside it "
+            "(the default is TRIAL_DIR/model)"
+        )
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists; choose another --out or pass --overwrite")
     if loaded is None:
