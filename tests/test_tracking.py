@@ -433,3 +433,21 @@ def test_artifact_names_are_valid():
         tracking.artifact_name({"trial": trial})
         == "directions-My_Model-unmatched-som_global-svd-L12"
     )
+
+
+def test_has_run_in_a_shared_wandb_dir_is_the_trials_own_run(tmp_path, monkeypatch):
+    """With $WANDB_DIR set every trial's run lands in one folder: another trial's run there is not
+    this trial's (sync used to skip every trial but the first as 'has a W&B run')."""
+    first, second = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
+    for trial in (first, second):
+        trial.mkdir(parents=True)
+    assert not tracking.has_run(first)
+    (first / "wandb" / f"offline-run-20261206_101010-{tracking.run_id(first)}").mkdir(parents=True)
+    assert tracking.has_run(first) and not tracking.has_run(second)
+    (second / "wandb" / "offline-run-20261206_101010-abc123").mkdir(parents=True)
+    assert tracking.has_run(second)  # in its own folder, a run of any id (an older trial's)
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("WANDB_DIR", str(shared))
+    (shared / "wandb" / f"offline-run-20261206_101010-{tracking.run_id(first)}").mkdir(parents=True)
+    assert tracking.has_run(first)
+    assert not tracking.has_run(second)

@@ -201,7 +201,11 @@ def wandb_dir(output_dir: str | Path) -> Path:
 
 
 def has_run(output_dir: str | Path) -> bool:
-    """Whether a trial directory holds a W&B run (online or offline) of any id."""
+    """Whether a trial has a W&B run (online or offline): in its own ``<trial>/wandb``, one of any
+    id (runs from before ids were derived included); in a ``$WANDB_DIR`` that every trial shares,
+    only one with the trial's own id (``run_id``), not another trial's."""
+    if os.environ.get("WANDB_DIR"):
+        return any(wandb_dir(output_dir).glob(f"*run-*-{run_id(output_dir)}"))
     return any(wandb_dir(output_dir).glob("*run-*-*"))
 
 
