@@ -451,3 +451,19 @@ def test_has_run_in_a_shared_wandb_dir_is_the_trials_own_run(tmp_path, monkeypat
     (shared / "wandb" / f"offline-run-20261206_101010-{tracking.run_id(first)}").mkdir(parents=True)
     assert tracking.has_run(first)
     assert not tracking.has_run(second)
+
+
+def test_sync_mode_flag_wins_over_wandb_mode(tmp_path, monkeypatch, capsys):
+    """`WANDB_MODE=disabled ... sync DIR` says "pass --mode offline"; with it the trials are
+    logged (the environment used to win over the flag: every trial 'not logged', exit 1)."""
+    from test_report import fake_results_v2, outcomes, write_trial
+
+    sweep = tmp_path / "sweep"
+    trial = write_trial(sweep, "0_trial", fake_results_v2("matched", 1, 1.0, outcomes(1, 0, 3, 0)))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.main(["sync", str(sweep)]) == 1
+    assert "pass --mode offline" in capsys.readouterr().out
+    assert tracking.main(["sync", str(sweep), "--mode", "offline"]) == 0
+    assert "1 of 1 trial(s) logged" in capsys.readouterr().out
+    assert len(list((trial / "wandb").glob("offline-run-*"))) == 1
+    assert os.environ["WANDB_MODE"] == "disabled"  # the process's environment is restored

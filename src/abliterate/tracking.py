@@ -701,7 +701,21 @@ def sync_trials(
     from abliterate.report import collect_results
 
     results, _ = collect_results(root)
-    done = []
+    done: list[tuple[Path, str]] = []
+    # the mode asked for wins over $WANDB_MODE (which LoggerSettings lets win over the config)
+    previous = {"WANDB_MODE": os.environ.get("WANDB_MODE")}
+    os.environ["WANDB_MODE"] = mode
+    try:
+        _sync_each(results, root, mode, project, entity, force, done)
+    finally:
+        _restore(previous)
+    return done
+
+
+def _sync_each(
+    results: list[dict[str, Any]], root: Path, mode: str, project: str | None,
+    entity: str | None, force: bool, done: list[tuple[Path, str]],
+) -> None:  # fmt: skip
     for r in results:
         trial_dir = Path(r["_trial_dir"])
         if has_run(trial_dir) and not force:
@@ -729,7 +743,6 @@ def sync_trials(
         finally:
             tracker.finish(exit_code)
         done.append((trial_dir, f"logged ({tracker.mode}): {tracker.run_dir}"))
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:
