@@ -264,3 +264,26 @@ def test_out_that_is_or_contains_the_trial_is_refused_even_with_overwrite(
         assert len(err) == 1 and "is the trial directory or contains it" in err[0], err
         assert sorted(p.name for p in trial.iterdir()) == before
     assert not list((tmp_path / "sweep").glob(".*partial*"))
+
+
+def test_device_option_wins_over_the_trials_device_map(finished_trial, tmp_path, monkeypatch):
+    """--device cpu loads the model on that one device: a trial run with model.device_map=auto
+    would otherwise have accelerate place it on the GPUs again (device_map ignores model.device)."""
+    import abliterate.export as export
+
+    trial = tmp_path / "trial"
+    shutil.copytree(finished_trial, trial)
+    results = json.loads((trial / "results.json").read_text())
+    results["config"]["model"]["device_map"] = "auto"
+    (trial / "results.json").write_text(json.dumps(results))
+    seen = []
+
+    def recording_load_model(cfg, cache_dir):
+        seen.append((cfg.device, cfg.device_map))
+        raise OSError("stopped here")
+
+    monkeypatch.setattr(export, "load_model", recording_load_model)
+    assert main([str(trial), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 2
+    assert main([str(trial), "--out", str(tmp_path / "b")]) == 2
+    assert seen[0] == ("cpu", None)
+    assert seen[1][1] == "auto"  # without --device, the trial's own placement

@@ -200,7 +200,9 @@ def load_trial_model(
     """
     model_cfg = edit.config.model
     if device is not None:
-        model_cfg = OmegaConf.merge(model_cfg, {"device": device})
+        # one device: a trial's model.device_map (which places the layers itself, ignoring
+        # model.device) would otherwise put the model on the GPUs whatever --device says
+        model_cfg = OmegaConf.merge(model_cfg, {"device": device, "device_map": None})
     recorded = (edit.results.get("provenance") or {}).get("model_identity")
     if recorded is None:
         print(
