@@ -89,6 +89,10 @@ def tiny_model_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny-llama")
     model = build_tiny_model("llama", seed=0)
+    # one token per character: the builtin prompts with the chat template (up to ~200) and the
+    # new tokens must fit the context a trial checks (models.check_prompt_lengths); RoPE has no
+    # position table, so the weights are the same
+    model.config.max_position_embeddings = 512
     tokenizer = build_char_tokenizer()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -13,6 +13,7 @@ import ast
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -545,3 +546,400 @@ def test_no_secret_is_written_by_a_tracked_trial(tiny_model_dir, tmp_path):
         if path.is_file() and SECRET.encode() in path.read_bytes()
     ]
     assert not leaks, leaks
+
+
+# ---------------------------------------------------------------- 5. second round (issue 19)
+# Each case through `python run.py` where a user meets it. The model directories below have the
+# tiny model's config and tokenizer but garbage weights, so a check that still reports its own
+# message ran before any weights were read; "nothing written" is checked by assert_clean_failure
+# (no results.json) and by the caches and W&B directories asserted absent.
+
+
+def _garbage_copy(tiny_model_dir: Path, directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for file in tiny_model_dir.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, directory / file.name)
+    (directory / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 8)
+    return directory
+
+
+def _nothing_computed(tmp_path: Path) -> None:
+    for stage in ("activations", "baseline_eval", "models"):
+        assert not (tmp_path / "cache" / stage).exists(), stage
+    assert not list(tmp_path.rglob("offline-run-*")), "a W&B run was started"
+
+
+def test_model_path_that_does_not_exist_is_one_line(tmp_path, previous_trial):
+    done = run_cli(tmp_path / "no" / "such-model", tmp_path)
+    assert_clean_failure(
+        done, r"model\.path='[^']*no/such-model': no such directory, and not a hub repo id",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+    _nothing_computed(tmp_path)
+
+
+def test_offline_hub_id_not_in_the_cache_names_hf_hub_offline(tmp_path, previous_trial):
+    # an empty Hugging Face cache: the id cannot be there
+    done = run_cli(
+        Path("nobody-h5/not-a-cached-model"), tmp_path, HF_HOME=str(tmp_path / "hf-home")
+    )
+    assert_clean_failure(
+        done,
+        r"model\.path='nobody-h5/not-a-cached-model' is neither a local directory nor in the "
+        r"local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+    _nothing_computed(tmp_path)
+
+
+def test_model_without_chat_template_fails_before_weights(tiny_model_dir, tmp_path, previous_trial):
+    directory = _garbage_copy(tiny_model_dir, tmp_path / "base-model")
+    (directory / "chat_template.jinja").unlink()
+    done = run_cli(directory, tmp_path)
+    assert_clean_failure(
+        done, r"model\.path='[^']*base-model': its tokenizer has no chat template",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+    _nothing_computed(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("config", "pattern"),
+    [
+        ({"model_type": "gpt2", "n_layer": 3, "n_embd": 64, "n_head": 4, "vocab_size": 128},
+         r"loads as GPT2LMHeadModel \(model_type 'gpt2'\), whose residual-stream writers "
+         r"abliterate does not know; supported: Gemma3ForCausalLM, "),
+        ({"model_type": "t5", "num_layers": 3, "d_model": 64, "vocab_size": 128},
+         r"is a 't5' model \(architectures \['T5ForConditionalGeneration'\]\), which transformers "
+         r"cannot load as a causal language model"),
+    ],
+    ids=["gpt2", "t5"],
+)  # fmt: skip
+def test_unsupported_model_class_fails_from_its_config_alone(
+    tiny_model_dir, tmp_path, previous_trial, config, pattern
+):
+    directory = _garbage_copy(tiny_model_dir, tmp_path / "other-model")
+    if config["model_type"] == "t5":
+        config = {**config, "architectures": ["T5ForConditionalGeneration"]}
+    (directory / "config.json").write_text(json.dumps(config))
+    done = run_cli(directory, tmp_path)
+    assert_clean_failure(done, pattern, tmp_path, previous_trial)
+    _nothing_computed(tmp_path)
+
+
+def _tiny_gguf(path: Path, architecture: str) -> Path:
+    """A GGUF file with an architecture's metadata and one tensor (its other weights missing: a
+    load past the config would fail with transformers' own error, not ours)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"tiny-{architecture}")
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(16)
+    writer.add_tensor("token_embd.weight", np.zeros((128, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("architecture", "pattern"),
+    [
+        ("rwkv6", r"model\.path='[^']*rwkv6\.gguf': GGUF model with architecture rwkv6 is not "
+                  r"supported yet\. \(transformers reads GGUF files of .*; abliterate supports "
+                  r"gemma3, llama, mistral, qwen2, qwen2_moe, qwen3, qwen3_moe\)"),
+        ("phi3", r"model\.path='[^']*phi3\.gguf' loads as Phi3ForCausalLM \(model_type 'phi3'\), "
+                 r"whose residual-stream writers abliterate does not know"),
+    ],
+)  # fmt: skip
+def test_unsupported_gguf_architecture_fails_before_dequantisation(
+    tmp_path, previous_trial, architecture, pattern
+):
+    path = _tiny_gguf(tmp_path / f"{architecture}.gguf", architecture)
+    done = run_cli(path, tmp_path, "model.source=gguf")
+    assert_clean_failure(done, pattern, tmp_path, previous_trial)
+    _nothing_computed(tmp_path)
+
+
+def test_model_path_to_a_missing_gguf_file_is_one_line(tmp_path, previous_trial):
+    done = run_cli(tmp_path / "missing.gguf", tmp_path, "model.source=gguf")
+    assert_clean_failure(
+        done, r"model\.path='[^']*missing\.gguf': no such GGUF file", tmp_path, previous_trial
+    )
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_prompt_longer_than_the_context_is_refused_naming_it(
+    unloadable_model_dir, tmp_path, previous_trial, where
+):
+    # the tiny model's context is 512 tokens, one per character (tests/conftest.py); the
+    # ChatML template adds 19 tokens around a prompt
+    if where == "train":
+        long = "Describe a quiet walk by the river " + "and the trees " * 40  # 594 once stripped
+        rows = [{"prompt": long}] + [{"prompt": f"Name a fruit, number {i}"} for i in range(30)]
+        key, overrides = "data.unmatched_train", []
+        pattern = (
+            r"data\.unmatched_train: prompt 0 \('Describe a quiet walk by the river and t'\) is "
+            r"613 tokens with the chat template = 613, more than the model's context of 512 "
+            r"tokens \(max_position_embeddings\); prompts are never truncated: shorten or remove "
+            r"it"
+        )
+    else:
+        # 473 + 19 fits alone; with eval.max_new_tokens=64 it does not
+        long = "Plan a picnic " * 33 + "menu for us"  # 473 characters
+        rows = [{"prompt": long}] + [{"prompt": f"Name a colour, number {i}"} for i in range(40)]
+        key, overrides = "data.unmatched_eval", ["eval.max_new_tokens=64"]
+        pattern = (
+            r"data\.unmatched_eval: prompt 0 \('Plan a picnic Plan a picnic Plan a picni'\) is "
+            r"492 tokens with the chat template \+ eval\.max_new_tokens=64 = 556, more than the "
+            r"model's context of 512 tokens .* or lower eval\.max_new_tokens"
+        )
+    path = write_lines(tmp_path / f"{where}.jsonl", rows)
+    done = run_cli(
+        unloadable_model_dir, tmp_path, f"{key}.source=file", f"{key}.path={path}",
+        f"{key}.category_column=null", *overrides,
+    )  # fmt: skip
+    stderr = assert_clean_failure(done, pattern, tmp_path, previous_trial)
+    assert re.search(pattern + "$", stderr, re.MULTILINE), stderr  # the whole line
+    _nothing_computed(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["eval.kl_top_k=0"], r"eval\.kl_top_k=0 must be >= 1 .* or null \(the full vocabulary\)"),
+        (["eval.kl_prompts=500"],
+         r"eval\.n_unmatched=8 false-refusal prompts plus eval\.kl_prompts=500 KL prompts need "
+         r"508 distinct prompts of prompt set 'unmatched_eval' but it holds 128"),
+        (["eval.n_matched=1000"],
+         r"eval\.n_matched=1000 asks for 1000 prompts of prompt set 'matched_eval' but only 144"),
+        (["judge.max_length=0"], r"judge\.max_length=0 must be a whole number >= 1"),
+        (["judge.name=oracle"], r"judge\.name='oracle' is not valid; choose one of rules, markers"),
+        (["objectives=[eval.refusl_rate]"],
+         r"objectives entry 'eval\.refusl_rate' is not a number of results\.json \(did you mean "
+         r"eval\.refusal_rate\?\); valid: eval\.n_harmful, "),
+    ],
+    ids=["kl-top-k-0", "kl-prompts-pool", "n-matched-pool", "judge-max-length", "judge-name",
+         "objective-typo"],
+)  # fmt: skip
+def test_bad_eval_judge_or_objective_setting_fails_before_weights_and_tracking(
+    unloadable_model_dir, tmp_path, previous_trial, overrides, pattern
+):
+    # logger=wandb: the check comes before a W&B run is started for the trial
+    done = run_cli(
+        unloadable_model_dir, tmp_path, "logger=wandb", "logger.mode=offline", *overrides
+    )
+    assert_clean_failure(done, pattern, tmp_path, previous_trial)
+    _nothing_computed(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("eval.kl_top_k=-2", r"eval\.kl_top_k=-2 must be >= 1"),
+        ("judge.batch_size=0", r"judge\.batch_size=0 must be >= 1"),
+        ("judge.max_new_tokens=0", r"judge\.max_new_tokens=0 must be a whole number >= 1"),
+        ("judge.max_response_chars=-1", r"judge\.max_response_chars=-1 must be a whole number"),
+        ("judge.input=both", r"judge\.input='both' is not valid; choose one of response, pair"),
+        ("judge.fallback=maybe", r"judge\.fallback='maybe' is not valid"),
+        ("judge=classifier judge.model=null", r"judge=classifier needs judge\.model="),
+        ("judge=llm", r"judge=llm needs judge\.model=<hub id or dir> or judge\.source=embedded"),
+        ("logger.init_timeout_s=nan", r"logger\.init_timeout_s=nan must be a finite number >= 0"),
+        ("logger.finish_timeout_s=-1", r"logger\.finish_timeout_s=-1\.0 must be a finite number"),
+        ("objectives=[]", r"objectives=\[\] names no value"),
+        ("objectives=[eval.refusal_rate,trial.layer]",
+         r"objectives entry 'trial\.layer' is not a number of results\.json"),
+    ],
+)  # fmt: skip
+def test_validate_config_names_each_bad_judge_logger_or_objective_value(
+    tmp_path, override, pattern
+):
+    from abliterate.config import validate_config
+
+    cfg = compose_trial(tmp_path, tmp_path, *override.split())
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(cfg)
+
+
+def test_sets_that_were_not_evaluated_are_null_with_n_zero(tiny_model_dir, tmp_path):
+    done = run_cli(tiny_model_dir, tmp_path, "eval.n_unmatched=0", "eval.n_matched=0")
+    assert done.returncode == 0, done.stderr
+    results = records.read_complete_results(tmp_path / "run")
+    assert results is not None
+    for block in ("eval", "baseline_eval"):
+        got = results[block]
+        assert got["n_harmless"] == 0 and got["n_matched"] == 0, block
+        for rate in ("harmless_refusal_rate", "matched_harmless_refusal_rate"):
+            assert got[rate] is None and got[f"{rate}_ci95"] is None, (block, rate)
+        assert got["n_harmful"] == 18 and got["refusal_rate"] is not None
+    evaluated = results["eval"]
+    assert evaluated["harmless_evasive_rate"] is None
+    for key in ("harmless_outcomes", "harmless_refusals", "matched_outcomes",
+                "matched_harmless_refusals"):  # fmt: skip
+        assert evaluated[key] is None, key
+    # KL still has its own prompts (after the n_unmatched=0 false-refusal ones)
+    assert evaluated["n_kl_prompts"] == 8 and evaluated["kl_divergence"] is not None
+    sets = [json.loads(line)["set"] for line in (tmp_path / "run" / "completions.jsonl").open()]
+    assert sets == ["harmful"] * 18
+
+
+def test_data_categories_is_honoured_for_file_sources(
+    unloadable_model_dir, tmp_path, previous_trial
+):
+    harmful, _ = _matched_files(tmp_path)  # violence_weapons and hacking_cybersecurity
+    done = run_cli(
+        unloadable_model_dir, tmp_path, "data.harmful_train.source=file",
+        f"data.harmful_train.path={harmful}", "data.categories=[self_harm,harassment]",
+    )  # fmt: skip
+    assert_clean_failure(
+        done,
+        r"data\.harmful_train: none of the categories of [^ ]*harmful\.jsonl \(violence_weapons, "
+        r"hacking_cybersecurity\) is in data\.categories \(self_harm, harassment\); set "
+        r"data\.categories=\[\] to take the set's own categories",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+    _nothing_computed(tmp_path)
+
+
+def test_data_categories_keeps_only_the_listed_categories_of_a_file(tmp_path, caplog):
+    from abliterate.pipeline import _load_prompt_sets
+
+    harmful, _ = _matched_files(tmp_path)
+    cfg = compose_trial(
+        tmp_path, tmp_path, "data.harmful_train.source=file", f"data.harmful_train.path={harmful}",
+        "data.categories=[violence_weapons,self_harm]",
+    )  # fmt: skip
+    sets = _load_prompt_sets(cfg, Session())
+    assert set(sets["harmful_train"].categories) == {"violence_weapons"}
+    assert len(sets["harmful_train"]) == 4
+    assert set(sets["harmful_eval"].categories) == {"violence_weapons", "self_harm"}  # builtin
+    assert "4 prompts of categories ['hacking_cybersecurity'] not in data.categories" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["data.matched_eval.split=extraction"],
+         r"data\.matched_eval shares \d+ prompts with data\.matched_train \(e\.g\. .*\); "
+         r"evaluation prompts must be held out"),
+        (["data.unmatched_eval.split=extraction"],
+         r"data\.unmatched_eval shares \d+ prompts with data\.unmatched_train"),
+    ],
+    ids=["matched", "unmatched"],
+)  # fmt: skip
+def test_train_and_eval_sharing_a_prompt_is_an_error(
+    unloadable_model_dir, tmp_path, previous_trial, overrides, pattern
+):
+    done = run_cli(unloadable_model_dir, tmp_path, *overrides)
+    assert_clean_failure(done, pattern, tmp_path, previous_trial)
+    _nothing_computed(tmp_path)
+
+
+def test_one_shared_prompt_between_file_sets_is_an_error(
+    unloadable_model_dir, tmp_path, previous_trial
+):
+    train = write_lines(tmp_path / "train.jsonl", [{"prompt": f"Name a fruit, number {i}"}
+                                                    for i in range(30)])  # fmt: skip
+    held_out = write_lines(
+        tmp_path / "eval.jsonl",
+        [{"prompt": f"Name a colour, number {i}"} for i in range(30)]
+        + [{"prompt": "Name a fruit, number 7"}],
+    )
+    done = run_cli(
+        unloadable_model_dir, tmp_path,
+        "data.unmatched_train.source=file", f"data.unmatched_train.path={train}",
+        "data.unmatched_eval.source=file", f"data.unmatched_eval.path={held_out}",
+        "eval.n_unmatched=8", "eval.kl_prompts=23",  # all 31 evaluated: the shared one too
+    )  # fmt: skip
+    assert_clean_failure(
+        done,
+        r"data\.unmatched_eval shares 1 prompts with data\.unmatched_train \(e\.g\. 'Name a "
+        r"fruit, number 7'\)",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+
+
+def test_embedded_model_evaluated_on_its_own_training_split_is_refused_before_it_is_built(
+    tmp_path, previous_trial
+):
+    command = [
+        sys.executable, "run.py", "logger=none", "eval=quick",
+        f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+        "data.harmful_eval.split=refuser_train",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert_clean_failure(
+        done,
+        r"data\.harmful_eval shares \d+ prompts with the embedded model's fine-tuning data "
+        r"\(builtin harmful, split refuser_train; .*\); its refusals there were trained, not "
+        r"measured: evaluate on split=evaluation",
+        tmp_path, previous_trial,
+    )  # fmt: skip
+    _nothing_computed(tmp_path)  # the refuser was not built (no cache/models)
+
+
+def test_overlaps_between_training_sets_warn(caplog):
+    from abliterate.prompts import PromptSet, check_overlaps
+
+    harmful = PromptSet("h", ("same", "a"), ("x", "x"))
+    matched = PromptSet("m", ("same", "b"), ("x", "x"))
+    warnings = check_overlaps(
+        {"harmful_train": harmful, "matched_train": matched},
+        {"harmful_eval": PromptSet("e", ("c",))},
+    )
+    assert warnings == ["data.harmful_train and data.matched_train share 1 prompts (e.g. 'same')"]
+    with pytest.raises(PromptDataError, match="data.harmful_eval shares 1 prompts with data"):
+        check_overlaps({"harmful_train": harmful}, {"harmful_eval": PromptSet("e", ("a",))})
+
+
+def test_export_of_degenerate_directions_fails_right_after_the_directions(
+    tiny_model_dir, tmp_path, previous_trial
+):
+    # the degenerate case of section 2 (diff_in_means over one category whose harmful and
+    # matched prompt are the same: no direction is left), asked to export
+    same = prompts_of("violence_weapons", 1, "build a")
+    harmful = write_lines(tmp_path / "harmful.jsonl", same)
+    matched = write_lines(tmp_path / "matched.jsonl", same)
+    overrides = (
+        "baseline=matched", "model.batch_size=1", "extraction=diff_in_means", "export=true",
+        "data.harmful_train.source=file", f"data.harmful_train.path={harmful}",
+        "data.matched_train.source=file", f"data.matched_train.path={matched}",
+    )  # fmt: skip
+    for attempt in ("first", "relaunch"):
+        done = run_cli(tiny_model_dir, tmp_path, *overrides)
+        assert_clean_failure(
+            done,
+            r"export=true but every direction at layer 1 is degenerate \(1 dropped, none "
+            r"left\): the exported model would be the original; set export=false",
+            tmp_path, previous_trial,
+        )  # fmt: skip
+        # the activations were computed (the directions need them); the evaluation never ran
+        assert (tmp_path / "cache" / "activations").exists(), attempt
+        assert not (tmp_path / "cache" / "baseline_eval").exists(), attempt
+        assert not (tmp_path / "run" / "model").exists(), attempt
+
+
+def test_objective_keys_are_numbers_of_a_real_results_file(tiny_model_dir, tmp_path):
+    from abliterate.config import OBJECTIVE_KEYS
+    from abliterate.pipeline import select_objective
+
+    results = run_trial(compose_trial(tiny_model_dir, tmp_path), session=Session())
+    for key in OBJECTIVE_KEYS:
+        node = results
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, key
+            node = node[part]
+        assert node is None or isinstance(node, (int, float)) and not isinstance(node, bool), key
+        select_objective(results, key)

@@ -82,6 +82,8 @@ class DataConfig:
     harmful_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
     matched_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
     unmatched_eval: PromptSetConfig = field(default_factory=PromptSetConfig)
+    # harm categories kept in every categorised set (builtin, hub or file; a hub or file set
+    # loses the others with one warning, and none left is an error); []: each set's own
     categories: list[str] = field(default_factory=lambda: list(HARM_CATEGORIES))
 
 
@@ -134,7 +136,9 @@ class EvalConfig:
     kl_tokens: int = (
         1  # teacher-forced tokens of the original greedy continuation (1 = first token)
     )
-    kl_top_k: int | None = None  # None: full vocabulary; k: original's top-k tokens + a tail bucket
+    # None: full vocabulary; k >= 1: the original's top-k tokens + a tail bucket (k at or above
+    # the vocabulary: the full vocabulary; 0 is refused: the tail bucket alone gives KL = 0)
+    kl_top_k: int | None = None
     kl_floor: float = 1e-3  # efficiency = removed refusals / max(KL, floor)
     early_stop: bool = True  # stop a row once it ended or the judge says its label is decided
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -98,23 +98,252 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no chat template; abliteration measures an "
-            "instruction-tuned model's refusals, so use a chat model (or set tokenizer.chat_template)"
-        )
+    check_chat_template(tokenizer, tokenizer.name_or_path)
     return tokenizer
 
 
-def read_model_config(cfg: Any) -> Any:
-    """The model's transformers config, read without loading weights (for early validation)."""
-    if cfg.source == "gguf":
-        path = Path(cfg.path)
-        directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
-        return AutoConfig.from_pretrained(directory, gguf_file=file)
-    return AutoConfig.from_pretrained(
-        cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: Any) -> None:
+    """Raise ConfigError when the tokenizer has no chat template (a base, not a chat, model)."""
+    if tokenizer.chat_template is None:
+        raise ConfigError(
+            f"model.path={str(path)!r}: its tokenizer has no chat template; abliteration measures "
+            "an instruction-tuned model's refusals, so use a chat model (or give the tokenizer a "
+            "chat_template)"
+        )
+
+
+def _gguf_location(cfg: Any) -> tuple[Path, str]:
+    """(directory, file name) of a ``source: gguf`` model, checked to exist."""
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        if not cfg.gguf_file:
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise ConfigError(
+                f"model.path={cfg.path!r} is a directory; set model.gguf_file to one of its "
+                f"GGUF files ({', '.join(found) or 'it holds none'})"
+            )
+        if not (path / cfg.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file={cfg.gguf_file!r}: no such file in {cfg.path}")
+        return path, cfg.gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.path={cfg.path!r}: no such GGUF file (model.source=gguf)")
+    return path.parent, path.name
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_path(cfg: Any) -> None:
+    """A ``source: hub`` path is an existing directory or a valid hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(cfg.path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(
+                f"model.path={cfg.path!r} is a file; model.source=hub needs a model directory "
+                "or a hub repo id (model.source=gguf for a .gguf file)"
+            )
+        return
+    try:
+        validate_repo_id(str(cfg.path))
+    except HFValidationError:
+        raise ConfigError(
+            f"model.path={cfg.path!r}: no such directory, and not a hub repo id (org/name)"
+        ) from None
+
+
+def _unreachable(cfg: Any, error: Exception) -> ConfigError:
+    """The message for a hub id (or a directory) whose config.json cannot be read."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if Path(cfg.path).expanduser().is_dir():
+        return ConfigError(
+            f"model.path={cfg.path!r} is not a transformers model directory (its config.json "
+            f"cannot be read: {first_line})"
+        )
+    revision = f" at model.revision={cfg.revision!r}" if cfg.revision else ""
+    if _hub_offline():
+        return ConfigError(
+            f"model.path={cfg.path!r}{revision} is neither a local directory nor in the local "
+            "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; download it "
+            f"where the hub is reachable (hf download {cfg.path}) or set model.path to a "
+            "local directory"
+        )
+    return ConfigError(
+        f"model.path={cfg.path!r}{revision} is not a local directory and could not be read "
+        f"from the Hugging Face hub: {first_line}"
     )
+
+
+def read_model_config(cfg: Any) -> Any:
+    """The model's transformers config, read without loading weights (for early validation).
+
+    Raises:
+        ConfigError: the path does not exist, a hub id is neither cached nor reachable (names
+            ``HF_HUB_OFFLINE``), or a GGUF file's architecture is one transformers cannot read.
+    """
+    if cfg.source == "gguf":
+        directory, file = _gguf_location(cfg)
+        try:
+            return AutoConfig.from_pretrained(directory, gguf_file=file)
+        except ValueError as error:
+            if "not supported" not in str(error):
+                raise
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) & set(GGUF_MODEL_TYPES))
+            raise ConfigError(
+                f"model.path={cfg.path!r}: {error} (transformers reads GGUF files of "
+                f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}; abliterate supports "
+                f"{', '.join(supported)})"
+            ) from None
+    _check_hub_path(cfg)
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except OSError as error:
+        raise _unreachable(cfg, error) from None
+    except ValueError as error:
+        if "trust_remote_code" in str(error):  # the checkpoint ships its own code
+            raise ConfigError(
+                f"model.path={cfg.path!r} needs its own Python code to load (config auto_map); "
+                "it is never run unless asked: set model.trust_remote_code=true only for code "
+                "you have read"
+            ) from None
+        if not Path(cfg.path).expanduser().is_dir():
+            raise
+        # a directory whose config.json is not a transformers config
+        raise _unreachable(cfg, error) from None
+
+
+# GGUF architectures (llama.cpp names, as transformers maps them) whose model classes
+# abliterate.architectures supports
+GGUF_MODEL_TYPES: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gemma3",
+)
+
+
+def model_class_name(config: Any, trust_remote_code: bool = False) -> str | None:
+    """The class ``AutoModelForCausalLM`` instantiates for ``config`` (it goes by
+    ``model_type``, not by ``config.architectures``); None when it has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        return str(auto_map["AutoModelForCausalLM"]).rsplit(".", 1)[-1]
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(getattr(config, "model_type", "")))
+
+
+def check_architecture(config: Any, cfg: Any) -> str:
+    """The model class ``cfg`` would load, checked against the residual-writer registry from the
+    config alone (an unsupported model used to fail only after its weights had loaded).
+
+    Raises:
+        ConfigError: naming the model type, its class and the supported classes.
+    """
+    from abliterate.architectures import ARCHITECTURES
+
+    name = model_class_name(config, bool(cfg.trust_remote_code))
+    model_type = getattr(config, "model_type", None)
+    declared = getattr(config, "architectures", None)
+    supported = ", ".join(sorted(ARCHITECTURES))
+    if name is None:
+        raise ConfigError(
+            f"model.path={cfg.path!r} is a {model_type!r} model (architectures {declared}), which "
+            f"transformers cannot load as a causal language model; supported: {supported}"
+        )
+    if name not in ARCHITECTURES:
+        raise ConfigError(
+            f"model.path={cfg.path!r} loads as {name} (model_type {model_type!r}), whose "
+            f"residual-stream writers abliterate does not know; supported: {supported} (add an "
+            "ArchitectureSpec to abliterate.architectures.ARCHITECTURES)"
+        )
+    return name
+
+
+def read_tokenizer(cfg: Any) -> PreTrainedTokenizerBase | None:
+    """The configured model's tokenizer without its weights; None for the embedded model (its
+    tokenizer exists only once it is built)."""
+    if cfg.source == "embedded":
+        return None
+    if cfg.source == "gguf":
+        directory, file = _gguf_location(cfg)
+        return AutoTokenizer.from_pretrained(directory, gguf_file=file)
+    try:
+        return AutoTokenizer.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except OSError as error:
+        raise _unreachable(cfg, error) from None
+
+
+def context_length(config: Any) -> int | None:
+    """Positions the model was trained for (``max_position_embeddings`` of its text config);
+    None when the config does not say."""
+    value = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+@dataclass(frozen=True)
+class PromptLengthCheck:
+    """Prompts that must fit the model's context, and what is generated after each."""
+
+    name: str  # the set's config key, e.g. data.harmful_eval
+    prompts: Sequence[str]
+    new_tokens: int = 0  # tokens generated or teacher-forced after each prompt (0: extraction)
+    new_tokens_key: str | None = None  # the config key that sets them
+    indexed_in: Sequence[str] | None = None  # the loaded set whose positions messages name
+
+
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase,
+    context: int | None,
+    checks: Sequence[PromptLengthCheck],
+    system_prompt: str | None = None,
+    disable_thinking: bool = True,
+) -> None:
+    """Every prompt, as the chat template renders it, fits the model's context together with
+    the tokens generated after it. Prompts are never truncated.
+
+    Args:
+        tokenizer: the model's tokenizer (with its chat template).
+        context: ``context_length`` of the model's config (None: nothing is checked).
+        checks: the sets to check.
+        system_prompt, disable_thinking: as the model config's (they change the rendering).
+
+    Raises:
+        ConfigError: naming the set, the prompt's index (0-based, in the set as loaded) and
+            start, its length, the new tokens and the context.
+    """
+    if context is None:
+        return
+    for check in checks:
+        if not len(check.prompts):
+            continue
+        texts = format_chat(tokenizer, list(check.prompts), system_prompt, disable_thinking)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for prompt, length in zip(check.prompts, lengths, strict=True):
+            if length + check.new_tokens <= context:
+                continue
+            index = (check.indexed_in or check.prompts).index(prompt)
+            key = check.new_tokens_key
+            extra = f" + {key}={check.new_tokens}" if key else ""
+            raise ConfigError(
+                f"{check.name}: prompt {index} ({prompt[:40]!r}) is {length} tokens with the "
+                f"chat template{extra} = {length + check.new_tokens}, more than the model's "
+                f"context of {context} tokens (max_position_embeddings); prompts are never "
+                "truncated: shorten or remove it" + (f", or lower {key}" if key else "")
+            )
 
 
 def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:

@@ -40,8 +40,18 @@ from abliterate.ablation import apply_ablation, effective_combine, removed_fract
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import AblationConfig, ConfigError, validate_config
 from abliterate.judge import Judge, build_judge
-from abliterate.models import LoadedModel, load_model, read_model_config
-from abliterate.prompts import PromptSet, load_prompt_set
+from abliterate.models import (
+    LoadedModel,
+    PromptLengthCheck,
+    check_architecture,
+    check_chat_template,
+    check_prompt_lengths,
+    context_length,
+    load_model,
+    read_model_config,
+    read_tokenizer,
+)
+from abliterate.prompts import PromptSet, check_overlaps, load_prompt_set
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,8 @@ class Session:
     baselines: dict[str, evaluation_stage.BaselineEvaluation] = field(default_factory=dict)
     directions: dict[str, directions_stage.Directions] = field(default_factory=dict)
     judges: dict[str, Judge] = field(default_factory=dict)
+    # trial config digest -> the checked prompt sets and evaluation prompts (check_inputs)
+    checked: dict[str, tuple[dict[str, PromptSet], Any]] = field(default_factory=dict)
     contrasts: dict[str, dict[str, Any]] = field(default_factory=dict)  # geometry's contrast block
 
     def reset(self) -> None:
@@ -312,16 +324,112 @@ def _resume(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _inputs_stage(cfg: DictConfig, session: Session) -> TrialInputs:
-    """1-2. Prompt sets and model; the layer (from the model's config file), the prompt sets and
-    the evaluation's sizes are checked before any weights load."""
-    if session.model_key != _key(cfg.model):
+def _length_checks(
+    cfg: DictConfig, sets: dict[str, PromptSet], chosen: evaluation_stage.EvalPrompts
+) -> list[PromptLengthCheck]:
+    """What must fit the model's context: each training prompt alone (its activations), each
+    evaluated prompt with eval.max_new_tokens after it, each KL prompt with eval.kl_tokens."""
+    checks = [PromptLengthCheck(f"data.{name}", sets[name].prompts) for name in TRAIN_SETS]
+    evaluated = (("harmful", chosen.harmful), ("matched", chosen.matched))
+    for kind, selected in (*evaluated, ("unmatched", chosen.unmatched)):
+        checks.append(
+            PromptLengthCheck(
+                f"data.{kind}_eval",
+                selected.prompts,
+                new_tokens=int(cfg.eval.max_new_tokens),
+                new_tokens_key="eval.max_new_tokens",
+                indexed_in=sets[f"{kind}_eval"].prompts,
+            )
+        )
+    checks.append(
+        PromptLengthCheck(
+            "data.unmatched_eval",
+            chosen.kl.prompts,
+            new_tokens=int(cfg.eval.kl_tokens),
+            new_tokens_key="eval.kl_tokens",
+            indexed_in=sets["unmatched_eval"].prompts,
+        )
+    )
+    return checks
+
+
+def check_inputs(
+    cfg: DictConfig, session: Session
+) -> tuple[dict[str, PromptSet], evaluation_stage.EvalPrompts]:
+    """Everything about a trial that can be checked before its model's weights load, in one
+    place (``main`` runs it before a W&B run starts, ``run_trial`` before loading):
+
+    the config values; the model's config.json (or GGUF metadata): that it exists, its class
+    against the residual-writer registry, the layer against its layer count; its tokenizer's
+    chat template; the prompt sets (files, categories, matched coverage), the evaluation's sizes,
+    the prompts shared between training and evaluation sets (and the embedded model's own
+    fine-tuning split), and every prompt's length against the model's context.
+
+    The embedded model's config and tokenizer exist only once it is built: its prompt lengths are
+    checked by ``_inputs_stage`` right after it loads.
+
+    Raises:
+        ConfigError, PromptDataError: one line naming the key or file, the value and what is valid.
+    """
+    validate_config(cfg)
+    key = _key(cfg)
+    if key in session.checked:
+        return session.checked[key]
+    tokenizer, context = None, None
+    if session.model_key == _key(cfg.model) and session.loaded is not None:
+        tokenizer = session.loaded.tokenizer
+        context = context_length(session.loaded.model.config)
+    elif cfg.model.source == "embedded":
         check_layer(cfg.layer, count_model_layers(cfg.model))
+    else:
+        config = read_model_config(cfg.model)
+        check_architecture(config, cfg.model)
+        check_layer(cfg.layer, get_layer_count(config))
+        tokenizer = read_tokenizer(cfg.model)
+        assert tokenizer is not None
+        check_chat_template(tokenizer, cfg.model.path)
+        context = context_length(config)
     sets = _load_prompt_sets(cfg, session)
-    eval_prompts = evaluation_stage.select_eval_prompts(
+    chosen = evaluation_stage.select_eval_prompts(
         sets["harmful_eval"], sets["unmatched_eval"], sets["matched_eval"], cfg.eval
     )
+    check_overlaps(
+        {name: sets[name] for name in TRAIN_SETS},
+        {
+            "harmful_eval": chosen.harmful,
+            "matched_eval": chosen.matched,
+            "unmatched_eval": PromptSet(
+                "unmatched_eval", chosen.unmatched.prompts + chosen.kl.prompts
+            ),
+        },
+        embedded=cfg.model.source == "embedded",
+    )
+    if tokenizer is not None:
+        check_prompt_lengths(
+            tokenizer,
+            context,
+            _length_checks(cfg, sets, chosen),
+            cfg.model.system_prompt,
+            cfg.model.disable_thinking,
+        )
+    session.checked[key] = (sets, chosen)
+    return sets, chosen
+
+
+def _inputs_stage(cfg: DictConfig, session: Session) -> TrialInputs:
+    """1-2. Prompt sets and model: ``check_inputs`` first, so nothing loads before the model's
+    config, the layer, the prompt sets and the evaluation's sizes are checked."""
+    unchecked_lengths = session.model_key != _key(cfg.model) and cfg.model.source == "embedded"
+    sets, eval_prompts = check_inputs(cfg, session)
     loaded = _load_model_stage(cfg, session)
+    if unchecked_lengths:  # the embedded model's tokenizer exists only once it is built
+        check_prompt_lengths(
+            loaded.tokenizer,
+            context_length(loaded.model.config),
+            _length_checks(cfg, sets, eval_prompts),
+            cfg.model.system_prompt,
+            cfg.model.disable_thinking,
+        )
     writers = session.writers
     assert writers is not None
     check_layer(cfg.layer, writers.num_layers)
@@ -539,6 +647,13 @@ def run_trial(
     with timer.stage("directions") as stage:
         directions = _directions_stage(cfg, session, train, layer)
         stage.note = f"{directions.count} directions at layer {layer}"
+    if cfg.export and not len(directions.vectors):
+        # before the evaluation: a relaunch fails here again, not after a whole evaluation
+        raise ConfigError(
+            f"export=true but every direction at layer {layer} is degenerate "
+            f"({directions.degenerate} dropped, none left): the exported model would be the "
+            "original; set export=false, or choose another layer, baseline or extraction"
+        )
     edit = _edit_settings(cfg, directions, train)
     with timer.stage("baseline_evaluation", also="evaluation") as stage:
         judge = _judge_stage(cfg, session, inputs.loaded)
@@ -643,6 +758,10 @@ def main(cfg: DictConfig) -> float | list[float]:
             output_dir, provenance.config_hash(cfg), provenance.code_version()
         )
         skipped = reusable is not None and not cfg.force
+        if not skipped:
+            # the model's config and tokenizer, the layer, the prompt sets and their lengths are
+            # checked before a W&B run is started for the trial: a mistake leaves no failed run
+            check_inputs(cfg, SESSION)
         tracker = tracking.Tracker() if skipped else tracking.start_tracking(cfg, output_dir)
         exit_code = 1
         try:

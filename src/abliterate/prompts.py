@@ -327,6 +327,111 @@ def _column_values(
     return prompts, categories
 
 
+def _keep_categories(
+    name: str, prompt_set: PromptSet, categories: list[str], origin: str
+) -> PromptSet:
+    """``data.categories`` applied to a categorised hub or file set, as to a builtin one.
+
+    Raises:
+        PromptDataError: none of the set's categories is in ``data.categories`` (it would be
+            empty; ``data.categories=[]`` takes the set's own categories).
+    """
+    own = prompt_set.category_names()
+    dropped = [c for c in own if c not in categories]
+    if not dropped:
+        return prompt_set
+    if len(dropped) == len(own):
+        raise PromptDataError(
+            f"data.{name}: none of the categories of {origin} ({', '.join(own)}) is in "
+            f"data.categories ({', '.join(categories)}); set data.categories=[] to take the "
+            "set's own categories, or list the ones to keep"
+        )
+    kept = [(p, c) for p, c in zip(prompt_set.prompts, prompt_set.categories, strict=True)
+            if c in categories]  # fmt: skip
+    log.warning(
+        "data.%s: %d prompts of categories %s not in data.categories left out",
+        name, len(prompt_set) - len(kept), dropped,
+    )  # fmt: skip
+    return PromptSet(name, tuple(p for p, _ in kept), tuple(c for _, c in kept))
+
+
+def refuser_training_prompts() -> dict[str, frozenset[str]]:
+    """The builtin ``refuser_train`` split of each kind: what the embedded refuser was fine-tuned
+    on (a superset: the build uses the first ``RefuserRecipe.unmatched_examples`` generic ones)."""
+    return {kind: frozenset(load_builtin(kind, "refuser_train").prompts) for kind in BUILTIN_KINDS}
+
+
+def check_overlaps(
+    train: dict[str, PromptSet], evaluation: dict[str, PromptSet], embedded: bool = False
+) -> list[str]:
+    """Prompts shared between the sets of one trial.
+
+    - a prompt in a training set (``data.*_train``: the means the directions come from) and in
+      an evaluation set (the prompts actually evaluated): an error, the evaluation must be held
+      out;
+    - with the embedded model, an evaluated prompt in its own fine-tuning split
+      (``refuser_training_prompts``): an error, its refusals there were trained, not measured;
+    - anything else (a prompt in two training sets, e.g. harmful and matched, or in two
+      evaluation sets; a training prompt the embedded model was fine-tuned on): a warning,
+      returned and logged.
+
+    Args:
+        train: ``data`` set name (``harmful_train``...) -> the loaded set.
+        evaluation: ``data`` set name (``harmful_eval``...) -> the prompts evaluated from it.
+        embedded: the trial's model is the embedded refuser.
+
+    Raises:
+        PromptDataError: naming both sets, the number shared and one example.
+    """
+
+    def shared(a: PromptSet, b: Any) -> list[str]:
+        other = set(b)
+        return [p for p in dict.fromkeys(a.prompts) if p in other]
+
+    for eval_name, eval_set in evaluation.items():
+        for train_name, train_set in train.items():
+            common = shared(eval_set, train_set.prompts)
+            if common:
+                raise PromptDataError(
+                    f"data.{eval_name} shares {len(common)} prompts with data.{train_name} "
+                    f"(e.g. {common[0]!r}); evaluation prompts must be held out"
+                )
+    refuser = refuser_training_prompts() if embedded else {}
+    if refuser:
+        for eval_name, eval_set in evaluation.items():
+            for kind, trained in refuser.items():
+                common = shared(eval_set, trained)
+                if common:
+                    raise PromptDataError(
+                        f"data.{eval_name} shares {len(common)} prompts with the embedded "
+                        f"model's fine-tuning data (builtin {kind}, split refuser_train; e.g. "
+                        f"{common[0]!r}); its refusals there were trained, not measured: "
+                        "evaluate on split=evaluation"
+                    )
+    warnings = []
+    for group in (train, evaluation):
+        names = list(group)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                common = shared(group[first], group[second].prompts)
+                if common:
+                    warnings.append(
+                        f"data.{first} and data.{second} share {len(common)} prompts "
+                        f"(e.g. {common[0]!r})"
+                    )
+    for train_name, train_set in train.items():
+        for kind, trained in refuser.items():
+            common = shared(train_set, trained)
+            if common:
+                warnings.append(
+                    f"data.{train_name} shares {len(common)} prompts with the embedded model's "
+                    f"fine-tuning data (builtin {kind}, split refuser_train; e.g. {common[0]!r})"
+                )
+    for message in warnings:
+        log.warning("%s", message)
+    return warnings
+
+
 def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) -> PromptSet:
     """Load one configured prompt set (a ``PromptSetConfig``) from builtin, hub or file.
 
@@ -334,7 +439,9 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
         name: the set's name in the ``data`` group (for messages), e.g. ``harmful_eval``.
         cfg: its config (source, path, config_name, split, column, category_column, categorize,
             limit, per_category, skip_per_category).
-        categories: restrict builtin categorised sets to these categories.
+        categories: keep only the prompts of these categories (``data.categories``), for every
+            source; a set without categories (the generic harmless pool) is kept whole. None (or
+            ``data.categories=[]``): every category the set has.
 
     Raises:
         PromptDataError: naming the source and the position of the bad row.
@@ -379,6 +486,8 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
             log.info("data.%s: keyword categories of %s: %s", name, origin, describe(assigned))
             cats = list(assigned)
         prompt_set = PromptSet(name, tuple(prompts), tuple(cats))
+        if categories is not None and prompt_set.category_names():
+            prompt_set = _keep_categories(name, prompt_set, categories, origin)
     if cfg.per_category is not None or cfg.limit is not None or cfg.skip_per_category:
         # `limit` may drop whole categories on purpose; skipping must not empty one silently
         kept = prompt_set.select(skip_per_category=cfg.skip_per_category).category_names()
