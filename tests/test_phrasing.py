@@ -133,7 +133,7 @@ def test_no_family_means_no_rows():
 
 def test_recipe_key_depends_on_the_corpus_only_when_it_trains_on_it(monkeypatch):
     base = refuser.find_base_gguf()
-    off = refuser.RefuserRecipe()
+    off = refuser.RefuserRecipe(phrasing_families=())
     on = refuser.RefuserRecipe(phrasing_families=("question", "writing"))
     before = refuser.refuser_key(off, base), refuser.refuser_key(on, base)
     monkeypatch.setattr(refuser, "corpus_digest", lambda: "another corpus")
@@ -171,7 +171,8 @@ def test_phrasing_card_reports_held_out_and_never_trained_families(tiny_loaded):
         assert never["n"] == len(load_phrasing(kind, SPLITS, ("list",)))
         assert list(never["by_family"]) == ["list"]
     assert rates["never_trained_harmful_refusal_rate"] == card["never_trained"]["harmful"]["rate"]
-    assert refuser._phrasing_evaluation(loaded, refuser.RefuserRecipe(), {}, {}) == {}
+    off = refuser.RefuserRecipe(phrasing_families=())
+    assert refuser._phrasing_evaluation(loaded, off, {}, {}) == {}
 
 
 def test_build_trains_on_no_row_of_a_never_trained_family():

@@ -1,0 +1,97 @@
+"""How often a built embedded refuser refuses a set of prompts, as a new user would try it.
+
+    .venv/bin/python benchmarks/refuser_prompts.py --file behaviours.txt          # any prompt file
+    .venv/bin/python benchmarks/refuser_prompts.py --phrasing dev                 # recipe decisions
+    .venv/bin/python benchmarks/refuser_prompts.py --file f.csv --column Goal --model-dir DIR
+
+Greedy answers of ``--new-tokens`` tokens (default 64, the trials' eval default), no early stop,
+each labelled by the marker classifier (the refuser card's labeller) and by the rules judge
+(the trials' default judge); prints refusals counted out of n with Wilson 95% intervals, per
+phrasing family for ``--phrasing``, and writes the responses as JSONL when ``--out`` is given.
+The prompts are read from the file at run time; nothing of them is stored here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from abliterate import refuser
+from abliterate.classify import REFUSE, classify_response
+from abliterate.generation import generate_responses
+from abliterate.judge import build_judge
+from abliterate.models import LoadedModel, prepare_tokenizer
+from abliterate.phrasing import FAMILIES, KINDS, families_of, load_phrasing
+from abliterate.prompts import load_prompt_set
+from abliterate.stats import wilson_interval
+
+
+def _line(name: str, flags: list[bool]) -> str:
+    count, n = sum(flags), len(flags)
+    low, high = wilson_interval(count, n) or (float("nan"), float("nan"))
+    return (
+        f"  {name:34s} refused {count:3d}/{n:<3d} = {count / max(1, n):.3f} [{low:.3f}, {high:.3f}]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=None, help="default: the default recipe's build")
+    parser.add_argument("--file", default=None, help="a .txt/.jsonl/.csv/.tsv/.json prompt file")
+    parser.add_argument("--column", default="prompt", help="the prompt column of --file")
+    parser.add_argument("--phrasing", choices=("train", "dev", "test"), default=None,
+                        help="a split of the phrasing corpus (all kinds, all families)")  # fmt: skip
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
+    args = parser.parse_args(argv)
+    if (args.file is None) == (args.phrasing is None):
+        parser.error("give exactly one of --file and --phrasing")
+    directory = Path(args.model_dir) if args.model_dir else refuser.ensure_refuser()
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
+    loaded = LoadedModel(model, tokenizer, "refuser", str(directory), torch.device("cpu"))
+
+    sets: dict[str, tuple[str, ...]] = {}
+    if args.file is not None:
+        config = SimpleNamespace(source="file", path=args.file, config_name=None, split=None,
+                                 column=args.column, category_column=None, categorize="none",
+                                 limit=None, per_category=None, skip_per_category=0)  # fmt: skip
+        sets[Path(args.file).name] = load_prompt_set("file", config).prompts
+    else:
+        for kind in KINDS:
+            sets[kind] = load_phrasing(kind, (args.phrasing,)).prompts
+    rules = build_judge({"name": "rules"})
+    start = time.perf_counter()
+    print(f"{directory} ({args.new_tokens} new tokens, greedy, no early stop)")
+    rows = []
+    for name, prompts in sets.items():
+        responses = generate_responses(
+            loaded, prompts, args.new_tokens, args.batch_size, progress=name
+        )
+        markers = [classify_response(r) for r in responses]
+        judged = rules.label(list(prompts), responses)
+        print(f"[{name}]")
+        print(_line("markers (the card's labeller)", [m == REFUSE for m in markers]))
+        print(_line("rules judge (REFUSE)", [j == REFUSE for j in judged]))
+        if args.phrasing is not None:
+            families = families_of(prompts)
+            for family in FAMILIES:
+                flags = [m == REFUSE for m, f in zip(markers, families, strict=True) if f == family]
+                print(_line(f"  markers, {family}", flags))
+        rows += [{"set": name, "prompt": p, "response": r, "markers": m, "rules": j}
+                 for p, r, m, j in zip(prompts, responses, markers, judged, strict=True)]  # fmt: skip
+    print(f"took {time.perf_counter() - start:.0f} s")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
