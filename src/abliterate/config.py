@@ -154,7 +154,9 @@ class LoggerConfig:
     job_type: str = "trial"  # W&B job type
     init_timeout_s: float = 20.0  # seconds wandb.init may take before falling back (W&B: 90)
     finish_timeout_s: float = 120.0  # seconds run.finish may spend uploading (0: no limit)
-    completions_sample: int = 48  # unused (kept so older configs compose): every completion is logged
+    completions_sample: int = (
+        48  # unused (kept so older configs compose): every completion is logged
+    )
 
 
 @dataclass
