@@ -250,12 +250,33 @@ def extract_directions(
     _check_activations(harmful, categories)
     categories = list(categories)
     order = list(dict.fromkeys(list(expected_categories or []) + categories))
+    info = _extraction_info(harmful, categories, order, method, baseline, orthogonalize)
+    candidates = _extract_candidates(
+        harmful, categories, order, baseline, unmatched_mean, matched_means, cfg, info
+    )
+    kept_candidates = _drop_degenerate(candidates, info["zero_norm_tolerance"], info)
+    if method == "som_global" and cfg.top_k is not None:
+        info["som_global_top_k"] = cfg.top_k
+        info["som_global_available"] = len(kept_candidates)
+        kept_candidates = kept_candidates[: cfg.top_k]
+    return _assemble_directions(kept_candidates, harmful.shape[1], cfg, layer, info)
 
+
+def _extraction_info(
+    harmful: torch.Tensor,
+    categories: list[str],
+    order: list[str],
+    method: str,
+    baseline: str,
+    orthogonalize: str,
+) -> dict[str, Any]:
+    """The record of an extraction's settings and inputs, with the zero-norm tolerance
+    ``ZERO_NORM_RTOL * mean |h|`` over the finite harmful rows (0 when there are none)."""
     finite = torch.isfinite(harmful).all(dim=1)  # (n,)
     row_norms = harmful[finite].double().norm(dim=1)  # (n_finite,)
     mean_harmful_norm = row_norms.mean().item() if len(row_norms) else math.nan
     tolerance = ZERO_NORM_RTOL * mean_harmful_norm if math.isfinite(mean_harmful_norm) else 0.0
-    info: dict[str, Any] = {
+    return {
         "method": method,
         "baseline": baseline,
         "orthogonalize": orthogonalize,
@@ -266,30 +287,39 @@ def extract_directions(
         "zero_norm_tolerance": tolerance,
     }
 
-    if method == "som_global":
-        candidates = _extract_som_global(
+
+def _extract_candidates(
+    harmful: torch.Tensor,
+    categories: list[str],
+    order: list[str],
+    baseline: str,
+    unmatched_mean: torch.Tensor | None,
+    matched_means: Mapping[str, torch.Tensor] | None,
+    cfg: Any,
+    info: dict[str, Any],
+) -> list[_Candidate]:
+    """The candidate directions of ``cfg.method``, before degenerate ones are dropped."""
+    if cfg.method == "som_global":
+        return _extract_som_global(
             harmful, categories, order, baseline, unmatched_mean, matched_means, cfg, info
         )
-    else:
-        differences = _differences64(harmful, categories, baseline, unmatched_mean, matched_means)
-        if method == "som_per_class":
-            candidates = _extract_som_per_class(differences, categories, order, cfg, info)
-        else:
-            kept = differences[torch.isfinite(differences).all(dim=1)]  # (n_finite, d_model)
-            mean = (
-                kept.mean(dim=0)
-                if len(kept)
-                else torch.full((harmful.shape[1],), math.nan, dtype=torch.float64)
-            )  # (d_model,) float64
-            candidates = [_Candidate("diff_in_means", mean, None)]
+    differences = _differences64(harmful, categories, baseline, unmatched_mean, matched_means)
+    if cfg.method == "som_per_class":
+        return _extract_som_per_class(differences, categories, order, cfg, info)
+    kept = differences[torch.isfinite(differences).all(dim=1)]  # (n_finite, d_model)
+    mean = (
+        kept.mean(dim=0)
+        if len(kept)
+        else torch.full((harmful.shape[1],), math.nan, dtype=torch.float64)
+    )  # (d_model,) float64
+    return [_Candidate("diff_in_means", mean, None)]
 
-    kept_candidates = _drop_degenerate(candidates, tolerance, info)
-    if method == "som_global" and cfg.top_k is not None:
-        info["som_global_top_k"] = cfg.top_k
-        info["som_global_available"] = len(kept_candidates)
-        kept_candidates = kept_candidates[: cfg.top_k]
 
-    d_model = harmful.shape[1]
+def _assemble_directions(
+    kept_candidates: list[_Candidate], d_model: int, cfg: Any, layer: int, info: dict[str, Any]
+) -> Directions:
+    """The kept candidates as ``Directions``: stacked as they are, or their SVD axes under
+    ``orthogonalize=svd``."""
     stacked = (
         torch.stack([c.vector for c in kept_candidates])
         if kept_candidates
@@ -298,7 +328,7 @@ def extract_directions(
     labels = [c.label for c in kept_candidates]
     degenerate = len(info["degenerate_labels"])
 
-    if orthogonalize == "svd":
+    if cfg.orthogonalize == "svd":
         vectors, norms = _orthogonalize_svd(stacked, labels, cfg.top_k, info)
         return Directions(
             vectors=vectors.float(),
@@ -309,7 +339,9 @@ def extract_directions(
             win_counts=None,
             info=info,
         )
-    win_counts = None if method == "diff_in_means" else [int(c.wins or 0) for c in kept_candidates]
+    win_counts = (
+        None if cfg.method == "diff_in_means" else [int(c.wins or 0) for c in kept_candidates]
+    )
     return Directions(
         vectors=stacked.float(),
         labels=labels,

@@ -259,25 +259,87 @@ def split_half_reliability(
         harmful_categories, matched_categories, 2, "the split-half reliability"
     )
     generic_split = unmatched.ndim == 2 and unmatched.shape[0] >= 2
+    samples = _sample_split_halves(
+        harmful, harmful_rows, matched, matched_rows, used, unmatched, seed, n_splits
+    )
+    per_category = {
+        c: {
+            **_split_half_statistics(samples[c]),
+            "n_harmful": len(harmful_rows[c]),
+            "n_matched": len(matched_rows[c]),
+        }
+        for c in used
+    }
+    labels = list(per_category)
+    return _means_over_categories(per_category, _SPLIT_HALF_STATISTICS) | {
+        "per_category": per_category,
+        "categories": labels,
+        "skipped_categories": skipped,
+        "n_splits": n_splits,
+        "seed": int(seed),
+        "generic_split": generic_split,
+    }
+
+
+def _means_over_categories(
+    per_category: dict[str, dict[str, Any]], keys: Sequence[str]
+) -> dict[str, float]:
+    """For each key, its mean over the categories' finite values (``_finite_mean``)."""
+    labels = list(per_category)
+    return {key: _finite_mean([per_category[c][key] for c in labels], key, labels) for key in keys}
+
+
+_SPLIT_HALF_STATISTICS = (
+    "cos_matched_split_half",
+    "cos_unmatched_split_half",
+    "cos_matched_to_truth_estimate",
+    "cos_unmatched_to_truth_estimate",
+    "norm_ratio_half_mean",
+    "norm_ratio_half_std",
+    "norm_ratio_half_abs_diff",
+    "norm_ratio_debiased",
+)
+
+
+def _random_halves(rows: list[int], generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """``rows`` split at random into halves of sizes floor(n/2) and ceil(n/2)."""
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    cut = len(rows) // 2
+    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+
+
+def _sample_split_halves(
+    harmful: torch.Tensor,
+    harmful_rows: dict[str, list[int]],
+    matched: torch.Tensor,
+    matched_rows: dict[str, list[int]],
+    used: list[str],
+    unmatched: torch.Tensor,
+    seed: int,
+    n_splits: int,
+) -> dict[str, dict[str, list[float]]]:
+    """Per category, the raw half-sample quantities of ``n_splits`` seeded random splits.
+
+    Each split draws, in this order, the generic pool's halves (when it has >= 2 rows) and then
+    each category's harmful and matched halves, from one generator seeded with ``seed``. Per
+    split and category it records cos(m_A, m_B) and cos(u_A, u_B) (``cos_m``, ``cos_u``), the
+    ratios |m|/|u| of half A and half B (``ratio_a``, ``ratio_b``) and the dot products
+    m_A . m_B and u_A . u_B (``dot_m``, ``dot_u``).
+    """
+    generic_split = unmatched.ndim == 2 and unmatched.shape[0] >= 2
     generator = torch.Generator().manual_seed(int(seed))
-
-    def halves(rows: list[int]) -> tuple[list[int], list[int]]:
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        cut = len(rows) // 2
-        return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
-
     samples: dict[str, dict[str, list[float]]] = {
         c: {k: [] for k in ("cos_m", "cos_u", "ratio_a", "ratio_b", "dot_m", "dot_u")} for c in used
     }
     for _ in range(n_splits):
         if generic_split:
-            generic_a, generic_b = halves(list(range(unmatched.shape[0])))
+            generic_a, generic_b = _random_halves(list(range(unmatched.shape[0])), generator)
             generic_means = (_mean64(unmatched[generic_a]), _mean64(unmatched[generic_b]))
         else:
             generic_means = (_mean64(unmatched), _mean64(unmatched))
         for category in used:
-            harmful_halves = halves(harmful_rows[category])
-            matched_halves = halves(matched_rows[category])
+            harmful_halves = _random_halves(harmful_rows[category], generator)
+            matched_halves = _random_halves(matched_rows[category], generator)
             contrasts = []
             for harmful_half, matched_half, generic_mean in zip(
                 harmful_halves, matched_halves, generic_means, strict=True
@@ -294,61 +356,41 @@ def split_half_reliability(
             record["ratio_b"].append(_ratio(m_b.norm().item(), u_b.norm().item()))
             record["dot_m"].append(float(m_a @ m_b))
             record["dot_u"].append(float(u_a @ u_b))
+    return samples
 
-    def to_truth(rho: float) -> float:
-        if not math.isfinite(rho):
-            return math.nan
-        rho = max(rho, 0.0)
-        return math.sqrt(2 * rho / (1 + rho))
 
-    per_category: dict[str, dict[str, Any]] = {}
-    for category in used:
-        record = samples[category]
-        half_ratios = record["ratio_a"] + record["ratio_b"]
-        signal_m, signal_u = _plain_mean(record["dot_m"]), _plain_mean(record["dot_u"])
-        cos_m, cos_u = _plain_mean(record["cos_m"]), _plain_mean(record["cos_u"])
-        per_category[category] = {
-            "cos_matched_split_half": cos_m,
-            "cos_matched_split_half_std": _population_std(record["cos_m"]),
-            "cos_unmatched_split_half": cos_u,
-            "cos_unmatched_split_half_std": _population_std(record["cos_u"]),
-            "cos_matched_to_truth_estimate": to_truth(cos_m),
-            "cos_unmatched_to_truth_estimate": to_truth(cos_u),
-            "norm_ratio_half_mean": _plain_mean(half_ratios),
-            "norm_ratio_half_std": _population_std(half_ratios),
-            "norm_ratio_half_abs_diff": _plain_mean(
-                [abs(a - b) for a, b in zip(record["ratio_a"], record["ratio_b"], strict=True)]
-            ),
-            "norm_ratio_debiased": (
-                math.sqrt(max(signal_m, 0.0) / signal_u)
-                if math.isfinite(signal_m) and signal_u > 0
-                else math.nan
-            ),
-            "n_harmful": len(harmful_rows[category]),
-            "n_matched": len(matched_rows[category]),
-        }
-    labels = list(per_category)
-    result: dict[str, Any] = {}
-    for key in (
-        "cos_matched_split_half",
-        "cos_unmatched_split_half",
-        "cos_matched_to_truth_estimate",
-        "cos_unmatched_to_truth_estimate",
-        "norm_ratio_half_mean",
-        "norm_ratio_half_std",
-        "norm_ratio_half_abs_diff",
-        "norm_ratio_debiased",
-    ):
-        result[key] = _finite_mean([per_category[c][key] for c in labels], key, labels)
-    result |= {
-        "per_category": per_category,
-        "categories": labels,
-        "skipped_categories": skipped,
-        "n_splits": n_splits,
-        "seed": int(seed),
-        "generic_split": generic_split,
+def _cos_to_truth(rho: float) -> float:
+    """sqrt(2 rho / (1 + rho)), rho clipped at 0: the expected cosine between a full-sample
+    estimate and the truth, given the split-half cosine rho."""
+    if not math.isfinite(rho):
+        return math.nan
+    rho = max(rho, 0.0)
+    return math.sqrt(2 * rho / (1 + rho))
+
+
+def _split_half_statistics(record: dict[str, list[float]]) -> dict[str, float]:
+    """One category's split-half statistics (see ``split_half_reliability``) from its samples."""
+    half_ratios = record["ratio_a"] + record["ratio_b"]
+    signal_m, signal_u = _plain_mean(record["dot_m"]), _plain_mean(record["dot_u"])
+    cos_m, cos_u = _plain_mean(record["cos_m"]), _plain_mean(record["cos_u"])
+    return {
+        "cos_matched_split_half": cos_m,
+        "cos_matched_split_half_std": _population_std(record["cos_m"]),
+        "cos_unmatched_split_half": cos_u,
+        "cos_unmatched_split_half_std": _population_std(record["cos_u"]),
+        "cos_matched_to_truth_estimate": _cos_to_truth(cos_m),
+        "cos_unmatched_to_truth_estimate": _cos_to_truth(cos_u),
+        "norm_ratio_half_mean": _plain_mean(half_ratios),
+        "norm_ratio_half_std": _population_std(half_ratios),
+        "norm_ratio_half_abs_diff": _plain_mean(
+            [abs(a - b) for a, b in zip(record["ratio_a"], record["ratio_b"], strict=True)]
+        ),
+        "norm_ratio_debiased": (
+            math.sqrt(max(signal_m, 0.0) / signal_u)
+            if math.isfinite(signal_m) and signal_u > 0
+            else math.nan
+        ),
     }
-    return result
 
 
 def _random_derangement(count: int, generator: torch.Generator) -> list[int]:
@@ -438,58 +480,17 @@ def shuffled_category_null(
     matched_means = {c: _mean64(matched[matched_rows[c]]) for c in used}
 
     real = {c: _contrast_statistics(harmful_means[c], matched_means[c], generic_mean) for c in used}
-    null_values: dict[str, list[float]] = {key: [] for key in _NULL_STATISTICS}
-    per_category_null: dict[str, dict[str, list[float]]] = {
-        c: {key: [] for key in _NULL_STATISTICS} for c in used
-    }
-    distinct: set[tuple[int, ...]] = set()
-    if len(used) < 2:
-        _warn(
-            f"the shuffled-category null needs two or more categories with prompts on both "
-            f"sides, got {used}; null values are NaN"
-        )
-    else:
-        generator = torch.Generator().manual_seed(int(seed))
-        for _ in range(n_derangements):
-            permutation = _random_derangement(len(used), generator)
-            distinct.add(tuple(permutation))
-            statistics = {
-                c: _contrast_statistics(
-                    harmful_means[c], matched_means[used[permutation[i]]], generic_mean
-                )
-                for i, c in enumerate(used)
-            }
-            for key in _NULL_STATISTICS:
-                for c in used:
-                    per_category_null[c][key].append(statistics[c][key])
-                null_values[key].append(_plain_mean([statistics[c][key] for c in used]))
-
+    null_values, per_category_null, distinct = _draw_shuffled_null(
+        harmful_means, matched_means, generic_mean, used, seed, n_derangements
+    )
     result: dict[str, Any] = {}
     for key in _NULL_STATISTICS:
         real_value = _finite_mean([real[c][key] for c in used], key, used)
-        values = [v for v in null_values[key] if math.isfinite(v)]
-        result[key] = real_value
-        result[f"{key}_null_mean"] = _plain_mean(values)
-        result[f"{key}_null_std"] = _population_std(values)
-        if values and math.isfinite(real_value):
-            result[f"{key}_null_p_lower"] = (1 + sum(v <= real_value for v in values)) / (
-                1 + len(values)
-            )
-            result[f"{key}_null_p_upper"] = (1 + sum(v >= real_value for v in values)) / (
-                1 + len(values)
-            )
-        else:
-            result[f"{key}_null_p_lower"] = result[f"{key}_null_p_upper"] = math.nan
+        result |= _compare_with_null(key, real_value, null_values[key])
     result["per_category"] = {
-        c: {
-            **real[c],
-            **{
-                f"{key}_null_mean": _plain_mean(per_category_null[c][key])
-                for key in _NULL_STATISTICS
-            },
-            "n_harmful": len(harmful_rows[c]),
-            "n_matched": len(matched_rows[c]),
-        }
+        c: real[c]
+        | {f"{key}_null_mean": _plain_mean(per_category_null[c][key]) for key in _NULL_STATISTICS}
+        | {"n_harmful": len(harmful_rows[c]), "n_matched": len(matched_rows[c])}
         for c in used
     }
     result |= {
@@ -500,6 +501,66 @@ def shuffled_category_null(
         "n_distinct_derangements": len(distinct),
         "seed": int(seed),
     }
+    return result
+
+
+def _draw_shuffled_null(
+    harmful_means: dict[str, torch.Tensor],
+    matched_means: dict[str, torch.Tensor],
+    generic_mean: torch.Tensor,
+    used: list[str],
+    seed: int,
+    n_derangements: int,
+) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]], set[tuple[int, ...]]]:
+    """The null draws of ``shuffled_category_null``: per statistic, the category-averaged value
+    of each seeded derangement; per category and statistic, its value under each derangement;
+    and the set of distinct derangements drawn. Empty (with a warning) with < 2 categories."""
+    null_values: dict[str, list[float]] = {key: [] for key in _NULL_STATISTICS}
+    per_category_null: dict[str, dict[str, list[float]]] = {
+        c: {key: [] for key in _NULL_STATISTICS} for c in used
+    }
+    distinct: set[tuple[int, ...]] = set()
+    if len(used) < 2:
+        _warn(
+            f"the shuffled-category null needs two or more categories with prompts on both "
+            f"sides, got {used}; null values are NaN"
+        )
+        return null_values, per_category_null, distinct
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(n_derangements):
+        permutation = _random_derangement(len(used), generator)
+        distinct.add(tuple(permutation))
+        statistics = {
+            c: _contrast_statistics(
+                harmful_means[c], matched_means[used[permutation[i]]], generic_mean
+            )
+            for i, c in enumerate(used)
+        }
+        for key in _NULL_STATISTICS:
+            for c in used:
+                per_category_null[c][key].append(statistics[c][key])
+            null_values[key].append(_plain_mean([statistics[c][key] for c in used]))
+    return null_values, per_category_null, distinct
+
+
+def _compare_with_null(key: str, real_value: float, null_values: list[float]) -> dict[str, float]:
+    """``key`` (the real value), its null's mean and population std over the finite null values,
+    and the permutation p-values (1 + #{null <= real}) / (1 + n) and likewise >=."""
+    values = [v for v in null_values if math.isfinite(v)]
+    result = {
+        key: real_value,
+        f"{key}_null_mean": _plain_mean(values),
+        f"{key}_null_std": _population_std(values),
+    }
+    if values and math.isfinite(real_value):
+        result[f"{key}_null_p_lower"] = (1 + sum(v <= real_value for v in values)) / (
+            1 + len(values)
+        )
+        result[f"{key}_null_p_upper"] = (1 + sum(v >= real_value for v in values)) / (
+            1 + len(values)
+        )
+    else:
+        result[f"{key}_null_p_lower"] = result[f"{key}_null_p_upper"] = math.nan
     return result
 
 
@@ -614,6 +675,24 @@ def _captured_fractions(basis: torch.Tensor, differences: torch.Tensor) -> torch
     return fractions
 
 
+def _category_pair_fractions(
+    basis: torch.Tensor, refused: torch.Tensor, answered: torch.Tensor, category: str
+) -> torch.Tensor:
+    """|P x| / |x| for every (refused, answered) pair of one category, x = h_refused - h_answered,
+    leaving out (with a warning) the pairs whose difference is zero or non-finite."""
+    refused = refused.double()  # (a, d)
+    answered = answered.double()  # (b, d)
+    differences = (refused[:, None, :] - answered[None, :, :]).reshape(-1, refused.shape[1])
+    fractions = _captured_fractions(basis, differences)  # (a * b,)
+    usable = torch.isfinite(fractions)
+    if not bool(usable.all()):
+        _warn(
+            f"{int((~usable).sum())} pairs of category {category!r} have a zero or non-finite "
+            "activation difference; left out of the behavioural capture"
+        )
+    return fractions[usable]
+
+
 def compute_behavioural_capture(
     vectors: torch.Tensor,
     refused_harmful_acts: torch.Tensor,
@@ -662,17 +741,12 @@ def compute_behavioural_capture(
     for category, rows in refused_rows.items():
         if category not in answered_rows:
             continue
-        refused = refused_harmful_acts[rows].double()  # (a, d)
-        answered = answered_matched_acts[answered_rows[category]].double()  # (b, d)
-        differences = (refused[:, None, :] - answered[None, :, :]).reshape(-1, refused.shape[1])
-        fractions = _captured_fractions(basis, differences)  # (a * b,)
-        usable = torch.isfinite(fractions)
-        if not bool(usable.all()):
-            _warn(
-                f"{int((~usable).sum())} pairs of category {category!r} have a zero or non-finite "
-                "activation difference; left out of the behavioural capture"
-            )
-        fractions = fractions[usable]
+        fractions = _category_pair_fractions(
+            basis,
+            refused_harmful_acts[rows],
+            answered_matched_acts[answered_rows[category]],
+            category,
+        )
         all_fractions.append(fractions)
         per_category[category] = {
             "capture": float(fractions.mean()) if len(fractions) else math.nan,
