@@ -460,28 +460,8 @@ def _number(value: Any, digits: int = 4) -> str:
 def model_card(results: dict[str, Any], config: DictConfig) -> str:
     """README.md for the exported folder: YAML front matter (``base_model`` when the trial's
     model is a hub id, tags, library) and the trial's settings and measured outcomes."""
-    from huggingface_hub import ModelCardData
-
     trial = results.get("trial") or {}
-    edited = results.get("eval") or {}
-    unedited = results.get("baseline_eval") or {}
-    geometry = results.get("geometry") or {}
-    provenance = results.get("provenance") or {}
-    directions = results.get("directions") or {}
     base = str(config.model.path)
-    tags = [
-        "abliterated",
-        "abliterate",
-        "refusal-direction",
-        f"baseline-{trial.get('baseline', config.baseline.name)}",
-        f"extraction-{trial.get('extraction', config.extraction.method)}",
-    ]
-    data = ModelCardData(
-        base_model=base if _is_hub_id(config) else None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=tags,
-    )
     name = trial.get("model_name", config.model.name)
     base_line = (
         f"[`{base}`](https://huggingface.co/{base})"
@@ -489,22 +469,7 @@ def model_card(results: dict[str, Any], config: DictConfig) -> str:
         else f"`{base}` (model.source={config.model.source}; a local model, so the card's "
         "metadata has no base_model)"
     )
-    settings = [
-        ("model", f"`{base}` ({name})"),
-        ("layer (0-based)", f"{trial.get('layer')} of {trial.get('num_layers', '?')}"),
-        ("baseline", trial.get("baseline")),
-        ("extraction", f"{trial.get('extraction')}, orthogonalize={trial.get('orthogonalize')}"),
-        ("directions", f"{directions.get('count')} ({', '.join(directions.get('labels') or [])}); "
-                       f"degenerate dropped: {directions.get('degenerate')}"),
-        ("weight", trial.get("weight")),
-        ("scope", trial.get("scope")),
-        ("combine", f"{trial.get('combine')} (configured: "
-                    f"{trial.get('combine_configured', trial.get('combine'))})"),
-        ("direction_norm", trial.get("direction_norm")),
-        ("norm_preserving", trial.get("norm_preserving")),
-        ("embeddings", trial.get("embeddings")),
-        ("seed / extraction seed", f"{trial.get('seed')} / {trial.get('extraction_seed')}"),
-    ]  # fmt: skip
+    settings = _card_settings(trial, results.get("directions") or {}, base, name)
     lines = [
         f"# {name}, abliterated at layer {trial.get('layer')} ({trial.get('baseline')} baseline)",
         "",
@@ -521,6 +486,63 @@ def model_card(results: dict[str, Any], config: DictConfig) -> str:
         "|---|---|",
         *[f"| {key} | {value} |" for key, value in settings],
         "",
+        *_card_measurements(results),
+        *_card_use_and_provenance(results),
+    ]
+    metadata = _card_metadata(trial, config)
+    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def _card_metadata(trial: dict[str, Any], config: DictConfig) -> Any:
+    """The card's YAML front matter: base_model (a hub id only), library, pipeline and tags."""
+    from huggingface_hub import ModelCardData
+
+    base = str(config.model.path)
+    tags = [
+        "abliterated",
+        "abliterate",
+        "refusal-direction",
+        f"baseline-{trial.get('baseline', config.baseline.name)}",
+        f"extraction-{trial.get('extraction', config.extraction.method)}",
+    ]
+    return ModelCardData(
+        base_model=base if _is_hub_id(config) else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+
+
+def _card_settings(
+    trial: dict[str, Any], directions: dict[str, Any], base: str, name: str
+) -> list[tuple[str, Any]]:
+    """The rows of the card's "The edit" table: (setting, value)."""
+    return [
+        ("model", f"`{base}` ({name})"),
+        ("layer (0-based)", f"{trial.get('layer')} of {trial.get('num_layers', '?')}"),
+        ("baseline", trial.get("baseline")),
+        ("extraction", f"{trial.get('extraction')}, orthogonalize={trial.get('orthogonalize')}"),
+        ("directions", f"{directions.get('count')} ({', '.join(directions.get('labels') or [])}); "
+                       f"degenerate dropped: {directions.get('degenerate')}"),
+        ("weight", trial.get("weight")),
+        ("scope", trial.get("scope")),
+        ("combine", f"{trial.get('combine')} (configured: "
+                    f"{trial.get('combine_configured', trial.get('combine'))})"),
+        ("direction_norm", trial.get("direction_norm")),
+        ("norm_preserving", trial.get("norm_preserving")),
+        ("embeddings", trial.get("embeddings")),
+        ("seed / extraction seed", f"{trial.get('seed')} / {trial.get('extraction_seed')}"),
+    ]  # fmt: skip
+
+
+def _card_measurements(results: dict[str, Any]) -> list[str]:
+    """The card's "Measured in the trial" section: outcome and false-refusal counts, rates and
+    intervals, edited against unedited, then refusals removed, KL, capture and perturbation."""
+    trial = results.get("trial") or {}
+    edited = results.get("eval") or {}
+    unedited = results.get("baseline_eval") or {}
+    geometry = results.get("geometry") or {}
+    return [
         f"## Measured in the trial (judge: {trial.get('judge', 'markers')})",
         "",
         "Counts out of the prompts evaluated, the rate, and its Wilson 95% interval. Outcomes of "
@@ -563,6 +585,13 @@ def model_card(results: dict[str, Any], config: DictConfig) -> str:
         f"{_number(geometry.get('perturbation_ratio'), 3)}, share of each direction removed "
         f"{[round(float(v), 3) for v in geometry.get('removed_fraction') or []]}",
         "",
+    ]  # fmt: skip
+
+
+def _card_use_and_provenance(results: dict[str, Any]) -> list[str]:
+    """The card's "Use" (loading and chat) and "Provenance" (code, config, schema) sections."""
+    provenance = results.get("provenance") or {}
+    return [
         "## Use",
         "",
         "```python",
@@ -580,8 +609,7 @@ def model_card(results: dict[str, Any], config: DictConfig) -> str:
         f"- trial results schema {results.get('schema_version', 'n/a')}; the full record is the "
         "trial's results.json (abliteration_card.json here holds its main blocks)",
         "",
-    ]  # fmt: skip
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    ]
 
 
 def _card_record(edit: TrialEdit) -> dict[str, Any]:
