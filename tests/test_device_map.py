@@ -10,7 +10,7 @@ from test_pipeline import compose_trial
 from abliterate import models, provenance
 from abliterate.config import ConfigError
 from abliterate.export import main as export_main
-from abliterate.models import load_model
+from abliterate.loading import load_model
 from abliterate.pipeline import Session, run_trial
 
 PROBE_IDS = torch.tensor([[5, 17, 33, 40, 2]])

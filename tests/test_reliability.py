@@ -466,7 +466,7 @@ def test_failed_forced_rerun_leaves_no_complete_results_beside_new_companions(
 
 
 def test_pickled_weights_are_refused_unless_allowed(pickled_model_dir, tmp_path):
-    from abliterate.models import load_model
+    from abliterate.loading import load_model
 
     cfg = compose_trial(pickled_model_dir, tmp_path)
     assert cfg.model.allow_pickle is False

@@ -39,7 +39,8 @@ from abliterate.export import (
     read_trial_edit,
 )
 from abliterate.generation import end_token_ids
-from abliterate.models import LoadedModel, load_model
+from abliterate.loading import load_model
+from abliterate.models import LoadedModel
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"

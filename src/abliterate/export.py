@@ -40,7 +40,8 @@ from abliterate.ablation import AblationError, apply_weight_ablation, effective_
 from abliterate.architectures import ResidualWriters, resolve_residual_writers
 from abliterate.config import AblationConfig, ConfigError
 from abliterate.directions import load_directions
-from abliterate.models import LoadedModel, load_model
+from abliterate.loading import load_model
+from abliterate.models import LoadedModel
 from abliterate.provenance import model_identity
 from abliterate.stats import wilson_interval
 

@@ -19,7 +19,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from abliterate.config import ConfigError
-from abliterate.provenance import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -346,82 +345,10 @@ def check_prompt_lengths(
             )
 
 
-def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
-    """Load the configured model and tokenizer.
-
-    Args:
-        cfg: a ``ModelConfig``.
-        cache_dir: the project cache (the embedded refuser lives under ``<cache>/models``).
-    """
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    placement = _device_map_option(cfg)  # {} or {"device_map": ...}: accelerate places layers
-    if cfg.source == "embedded":
-        from abliterate.refuser import ensure_refuser
-
-        directory = ensure_refuser(Path(cache_dir))
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        identity = model_identity("embedded", directory)
-    elif cfg.source == "gguf":
-        model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
-        path = Path(cfg.path)
-        directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-        identity = model_identity("gguf", directory / file)
-    elif cfg.source == "hub":
-        local = Path(cfg.path)
-        if (
-            not cfg.allow_pickle
-            and local.is_dir()
-            and not any(local.glob("*.safetensors"))
-            and any(local.glob("*.bin"))
-        ):
-            raise ConfigError(
-                f"model.path={cfg.path} holds only pickle weights (.bin), which can run code when loaded; "
-                "convert them to safetensors or set model.allow_pickle=true"
-            )
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path,
-            dtype=dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=cfg.revision,
-            # pickled (.bin) checkpoints can run code on load: only when explicitly allowed
-            use_safetensors=None if cfg.allow_pickle else True,
-            **placement,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-        )
-        identity = model_identity("hub", cfg.path, model.config, cfg.revision)
-    else:
-        raise ValueError(
-            f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
-        )
-    if placement:
-        # inputs go where the embedding is
-        device = cast(torch.device, model.get_input_embeddings().weight.device)
-    else:
-        # transformers' stubs type the decorated .to() wrongly
-        model.to(device)  # type: ignore[arg-type]
-    model.eval()
-    model.requires_grad_(False)
-    return LoadedModel(
-        model=model,
-        tokenizer=prepare_tokenizer(tokenizer),
-        name=cfg.name,
-        identity=identity,
-        device=device,
-        system_prompt=cfg.system_prompt,
-        disable_thinking=cfg.disable_thinking,
-        batch_size=cfg.batch_size or choose_batch_size(model, device),
-    )
-
-
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _device_map_option(cfg: Any) -> dict[str, Any]:
+def device_map_option(cfg: Any) -> dict[str, Any]:
     """``model.device_map`` as a ``from_pretrained`` option, checked before any weights load.
 
     null: the whole model on ``model.device``. Otherwise accelerate places the layers: one of

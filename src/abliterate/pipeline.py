@@ -40,6 +40,7 @@ from abliterate.ablation import apply_ablation, effective_combine, removed_fract
 from abliterate.architectures import ResidualWriters, get_layer_count, resolve_residual_writers
 from abliterate.config import AblationConfig, ConfigError, validate_config
 from abliterate.judge import Judge, build_judge
+from abliterate.loading import load_model
 from abliterate.models import (
     LoadedModel,
     PromptLengthCheck,
@@ -47,7 +48,6 @@ from abliterate.models import (
     check_chat_template,
     check_prompt_lengths,
     context_length,
-    load_model,
     read_model_config,
     read_tokenizer,
 )

@@ -73,6 +73,20 @@ def read_complete_results(output_dir: Path) -> dict[str, Any] | None:
     return results if results.get("status") == "complete" else None
 
 
+def complete_trials(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every complete trial below ``root`` (or ``root`` itself) as (directory, results), in path
+    order; re-judged copies (``<trial>/judgements/<judge>/``) are not trials of their own."""
+    root = Path(root)
+    found = []
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        if "judgements" in path.parent.relative_to(root).parts:
+            continue
+        results = read_complete_results(path.parent)
+        if results is not None:
+            found.append((path.parent, results))
+    return found
+
+
 def find_reusable_results(
     output_dir: Path, config_hash: str, code_version: str
 ) -> tuple[dict[str, Any] | None, str | None]:

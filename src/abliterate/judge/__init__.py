@@ -46,4 +46,5 @@ def build_judge(cfg: Any = None, loaded: Any = None, cache_dir: Any = None) -> J
         return ClassifierJudge(cfg)
     from abliterate.judge.llm import LLMJudge
 
-    return LLMJudge(cfg, loaded=loaded, cache_dir=cache_dir)
+    fallback = None if cfg.fallback in OUTCOMES else build_judge({"name": cfg.fallback})
+    return LLMJudge(cfg, loaded=loaded, cache_dir=cache_dir, fallback=fallback)

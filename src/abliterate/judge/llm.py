@@ -34,7 +34,9 @@ def parse_verdict(text: str) -> str | None:
 class LLMJudge(Judge):
     name = "llm"
 
-    def __init__(self, cfg: Any, loaded: Any = None, cache_dir: Any = None) -> None:
+    def __init__(
+        self, cfg: Any, loaded: Any = None, cache_dir: Any = None, fallback: Judge | None = None
+    ) -> None:
         super().__init__()
         if not cfg.rubric or "{response}" not in cfg.rubric:
             raise ValueError(
@@ -48,12 +50,11 @@ class LLMJudge(Judge):
             loaded = self._load(cfg, cache_dir)
         self.loaded = loaded
         self.fallback_name = cfg.fallback
-        if cfg.fallback in OUTCOMES:
-            self.fallback = None
-        else:
-            from abliterate.judge import build_judge
-
-            self.fallback = build_judge({"name": cfg.fallback})
+        # the judge asked when the answer cannot be parsed (built by build_judge, which knows
+        # every judge), or None when judge.fallback names an outcome to count instead
+        if cfg.fallback not in OUTCOMES and fallback is None:
+            raise ValueError(f"judge.fallback={cfg.fallback!r} needs a fallback judge")
+        self.fallback = None if cfg.fallback in OUTCOMES else fallback
         self.stats = {"asked": 0, "unparseable": 0, "fallback": cfg.fallback, "examples": []}
 
     @staticmethod
@@ -61,7 +62,7 @@ class LLMJudge(Judge):
         from omegaconf import OmegaConf
 
         from abliterate.config import ModelConfig
-        from abliterate.models import load_model
+        from abliterate.loading import load_model
 
         if cfg.source != "embedded" and not cfg.model:
             raise ValueError("judge=llm needs judge.model=<hub id or dir> or judge.source=embedded")
