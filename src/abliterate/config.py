@@ -239,10 +239,25 @@ def validate_config(cfg: Any) -> None:
     Raises:
         ConfigError: naming the key, the bad value and the valid values.
     """
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    _validate_judge(cfg)
+    _validate_objectives(_get(cfg, "objectives"))
+    _check_logger(cfg)
+    for name in PROMPT_SETS:
+        _check_prompt_set(cfg, name)
+    _check_categories(cfg)
+
+
+def _check_choices(cfg: Any) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+
+
+def _check_numbers(cfg: Any) -> None:
+    """The numeric ranges of the extraction, ablation, evaluation and model settings."""
     weight = _get(cfg, "ablation.weight")
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ConfigError(f"ablation.weight={weight!r} must be a finite number >= 0")
@@ -279,55 +294,61 @@ def validate_config(cfg: Any) -> None:
         value = _get(cfg, key)
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}={value!r} must be a finite number > 0")
-    _validate_judge(cfg)
-    _validate_objectives(_get(cfg, "objectives"))
+
+
+def _check_logger(cfg: Any) -> None:
     for key in ("logger.init_timeout_s", "logger.finish_timeout_s"):
         value = _get(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key}={value!r} must be a finite number >= 0")
-    for name in PROMPT_SETS:
-        source = _get(cfg, f"data.{name}.source")
-        if source not in PROMPT_SOURCES:
-            raise ConfigError(
-                f"data.{name}.source={source!r} is not valid; choose one of "
-                f"{', '.join(PROMPT_SOURCES)}"
-            )
-        path = _get(cfg, f"data.{name}.path")
-        if source == "builtin" and path not in BUILTIN_PROMPT_SETS:
-            raise ConfigError(
-                f"data.{name}.path={path!r} is not a builtin prompt set; choose one of "
-                f"{', '.join(BUILTIN_PROMPT_SETS)}"
-            )
-        split = _get(cfg, f"data.{name}.split")
-        if source == "builtin" and split is not None and split not in BUILTIN_SPLITS:
-            raise ConfigError(
-                f"data.{name}.split={split!r} is not a builtin split; choose one of "
-                f"{', '.join(BUILTIN_SPLITS)} or null"
-            )
-        if source in ("hub", "file") and not path:
-            raise ConfigError(f"data.{name}.path is required when data.{name}.source={source}")
-        if source == "file" and not Path(path).expanduser().is_file():
-            raise ConfigError(f"data.{name}.path={path!r}: no such file")
-        for key in ("limit", "per_category"):
-            value = _get(cfg, f"data.{name}.{key}")
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{name}.{key}={value!r} must be >= 1 or null")
-        categorize = _get(cfg, f"data.{name}.categorize")
-        if categorize not in PROMPT_CATEGORIZERS:
-            raise ConfigError(
-                f"data.{name}.categorize={categorize!r} is not valid; choose one of "
-                f"{', '.join(PROMPT_CATEGORIZERS)}"
-            )
-        if categorize != "none" and _get(cfg, f"data.{name}.category_column") is not None:
-            raise ConfigError(
-                f"data.{name}.categorize={categorize} assigns categories only to a set without "
-                f"them; set data.{name}.category_column=null or data.{name}.categorize=none"
-            )
-        if _get(cfg, f"data.{name}.skip_per_category") < 0:
-            raise ConfigError(
-                f"data.{name}.skip_per_category={_get(cfg, f'data.{name}.skip_per_category')!r}"
-                " must be >= 0"
-            )
+
+
+def _check_prompt_set(cfg: Any, name: str) -> None:
+    """One prompt set's source, path, split, sizes and categorisation."""
+    source = _get(cfg, f"data.{name}.source")
+    if source not in PROMPT_SOURCES:
+        raise ConfigError(
+            f"data.{name}.source={source!r} is not valid; choose one of {', '.join(PROMPT_SOURCES)}"
+        )
+    path = _get(cfg, f"data.{name}.path")
+    if source == "builtin" and path not in BUILTIN_PROMPT_SETS:
+        raise ConfigError(
+            f"data.{name}.path={path!r} is not a builtin prompt set; choose one of "
+            f"{', '.join(BUILTIN_PROMPT_SETS)}"
+        )
+    split = _get(cfg, f"data.{name}.split")
+    if source == "builtin" and split is not None and split not in BUILTIN_SPLITS:
+        raise ConfigError(
+            f"data.{name}.split={split!r} is not a builtin split; choose one of "
+            f"{', '.join(BUILTIN_SPLITS)} or null"
+        )
+    if source in ("hub", "file") and not path:
+        raise ConfigError(f"data.{name}.path is required when data.{name}.source={source}")
+    if source == "file" and not Path(path).expanduser().is_file():
+        raise ConfigError(f"data.{name}.path={path!r}: no such file")
+    for key in ("limit", "per_category"):
+        value = _get(cfg, f"data.{name}.{key}")
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{name}.{key}={value!r} must be >= 1 or null")
+    categorize = _get(cfg, f"data.{name}.categorize")
+    if categorize not in PROMPT_CATEGORIZERS:
+        raise ConfigError(
+            f"data.{name}.categorize={categorize!r} is not valid; choose one of "
+            f"{', '.join(PROMPT_CATEGORIZERS)}"
+        )
+    if categorize != "none" and _get(cfg, f"data.{name}.category_column") is not None:
+        raise ConfigError(
+            f"data.{name}.categorize={categorize} assigns categories only to a set without "
+            f"them; set data.{name}.category_column=null or data.{name}.categorize=none"
+        )
+    if _get(cfg, f"data.{name}.skip_per_category") < 0:
+        raise ConfigError(
+            f"data.{name}.skip_per_category={_get(cfg, f'data.{name}.skip_per_category')!r}"
+            " must be >= 0"
+        )
+
+
+def _check_categories(cfg: Any) -> None:
     unknown = sorted(set(_get(cfg, "data.categories")) - set(HARM_CATEGORIES))
     if unknown and _get(cfg, "data.harmful_train.source") == "builtin":
         raise ConfigError(
