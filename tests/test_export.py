@@ -287,3 +287,25 @@ def test_device_option_wins_over_the_trials_device_map(finished_trial, tmp_path,
     assert main([str(trial), "--out", str(tmp_path / "b")]) == 2
     assert seen[0] == ("cpu", None)
     assert seen[1][1] == "auto"  # without --device, the trial's own placement
+
+
+def test_hub_trial_is_exported_from_the_commit_it_edited(finished_trial, tmp_path, monkeypatch):
+    """A hub model is loaded at the commit results.json records, not at the branch's head: a repo
+    that moved on since the trial would otherwise export (or be refused as) other weights."""
+    import abliterate.export as export
+
+    trial = tmp_path / "trial"
+    shutil.copytree(finished_trial, trial)
+    results = json.loads((trial / "results.json").read_text())
+    results["config"]["model"]["path"] = "some-org/some-model"
+    results["provenance"]["model_identity"] = "hub:some-org/some-model@0123abcd"
+    (trial / "results.json").write_text(json.dumps(results))
+    seen = []
+
+    def recording_load_model(cfg, cache_dir):
+        seen.append(cfg.revision)
+        raise OSError("stopped here")
+
+    monkeypatch.setattr(export, "load_model", recording_load_model)
+    assert main([str(trial), "--out", str(tmp_path / "a")]) == 2
+    assert seen == ["0123abcd"]

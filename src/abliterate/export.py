@@ -220,6 +220,10 @@ def load_trial_model(
             )
         model_cfg = OmegaConf.merge(model_cfg, {"source": "hub", "path": str(directory)})
     local = Path(str(model_cfg.path)).expanduser()
+    commit = _recorded_hub_commit(recorded)
+    if commit is not None and not local.exists():
+        # the exact commit the trial edited, not whatever the repo's branch points at now
+        model_cfg = OmegaConf.merge(model_cfg, {"revision": commit})
     if recorded is not None and model_cfg.source != "embedded" and local.exists():
         # a local folder or file is identified without loading it: refuse before the weights
         now = model_identity(model_cfg.source, local)
@@ -237,6 +241,13 @@ def load_trial_model(
     if recorded is not None and not local.exists():
         _check_identity(recorded, loaded.identity, model_cfg.path, check_identity)
     return loaded, resolve_residual_writers(loaded.model)
+
+
+def _recorded_hub_commit(recorded: str | None) -> str | None:
+    """The hub commit in a recorded ``hub:<repo>@<commit>`` identity (None if unresolved)."""
+    if not recorded or not recorded.startswith("hub:") or recorded.endswith(":unresolved"):
+        return None
+    return recorded.rsplit("@", 1)[1]
 
 
 def _check_identity(recorded: str, now: str, path: Any, strict: bool) -> None:
