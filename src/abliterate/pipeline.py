@@ -20,6 +20,7 @@ what else a trial costs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -594,7 +595,8 @@ def _geometry_stage(
         seed=int(cfg.seed),
         held_out=_held_out_activations(baseline, layer),
         perturbation_ratio=perturbation,
-        contrast=session.contrasts[contrast_key],
+        # a copy: each trial's results own their geometry block
+        contrast=copy.deepcopy(session.contrasts[contrast_key]),
     )
     geometry["removed_fraction"] = (
         removed_fraction(directions.vectors, edit.ablation, edit.scales)
