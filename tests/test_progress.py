@@ -37,3 +37,23 @@ def test_multirun_logs_trial_i_of_n_with_remaining_time_and_stage_lines(tiny_mod
     assert "trial " in first and " of 4 (" in first
     assert "activations: " in first and "(cache " in first
     assert "baseline_evaluation: " in first
+
+
+def test_sweep_size_counts_config_params_and_the_command_line():
+    from omegaconf import OmegaConf
+
+    from abliterate.progress import sweep_size
+
+    def config(params, task):
+        return OmegaConf.create(
+            {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                   "params": params}, "overrides": {"task": task}}}
+        )  # fmt: skip
+
+    assert sweep_size(config(None, ["baseline=matched,unmatched", "layer=range(8,12)"])) == 8
+    assert sweep_size(config({"seed": "0,1,2"}, ["baseline=matched,unmatched"])) == 6
+    # the command line's value wins over the config's for the same key
+    assert sweep_size(config({"seed": "0,1,2"}, ["seed=5"])) == 1
+    optuna = OmegaConf.create({"hydra": {"sweeper": {"_target_": "x.OptunaSweeper", "n_trials": 20},
+                                         "overrides": {"task": []}}})  # fmt: skip
+    assert sweep_size(optuna) == 20

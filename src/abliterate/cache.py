@@ -396,7 +396,7 @@ def file_lock(
         except Timeout:
             holder = read_holder(path)
             who = holder.describe() if holder else "an unknown holder (no holder file)"
-            if not waiting_logged:
+            if not waiting_logged and timeout > 0:  # timeout 0 asks, it does not wait
                 log.info("waiting for %s held by %s", path, who)
                 waiting_logged = True
             if holder is not None and holder.dead_here():

@@ -43,11 +43,18 @@ def sweep_size(config: DictConfig) -> int | None:
     if target.endswith("BasicSweeper"):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        overrides = OverridesParser.create().parse_overrides(_sweep_arguments(config))
         batches = BasicSweeper.split_arguments(overrides, None)
         return sum(len(batch) for batch in batches)
     n_trials = sweeper.get("n_trials")
     return int(n_trials) if n_trials is not None else None
+
+
+def _sweep_arguments(config: DictConfig) -> list[str]:
+    """The basic sweeper's arguments: ``hydra.sweeper.params`` from the config, then the command
+    line's overrides (a key given on both: the command line's wins, as in the sweeper)."""
+    params = config.hydra.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
 
 
 class SweepProgress(Callback):
@@ -65,7 +72,7 @@ class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.start = time.monotonic()
         try:
-            parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+            parsed = OverridesParser.create().parse_overrides(_sweep_arguments(config))
             self.swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
             self.total = sweep_size(config)
         except Exception as error:  # a sweeper whose syntax this does not follow: no total
@@ -116,6 +123,11 @@ class SweepProgress(Callback):
         if self.start is None:
             return
         # printed, not logged: after the first trial the log handlers write into a trial's file
-        failed = f"; {len(self.failed)} failed: {', '.join(self.failed)}" if self.failed else ""
         elapsed = format_duration(time.monotonic() - self.start)
+        if not self.finished:  # the trials ran in jobs of their own (SLURM, local executor)
+            print(
+                f"sweep: launched and waited {elapsed}; each job's log has its trials", flush=True
+            )
+            return
+        failed = f"; {len(self.failed)} failed: {', '.join(self.failed)}" if self.failed else ""
         print(f"sweep: {self.finished} trials in {elapsed}{failed}", flush=True)
