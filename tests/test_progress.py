@@ -37,6 +37,7 @@ def test_multirun_logs_trial_i_of_n_with_remaining_time_and_stage_lines(tiny_mod
     assert "trial " in first and " of 4 (" in first
     assert "activations: " in first and "(cache " in first
     assert "baseline_evaluation: " in first
+    assert "summary of " in first and "harmful" in first.split("summary of ")[1]
 
 
 def test_sweep_size_counts_config_params_and_the_command_line():

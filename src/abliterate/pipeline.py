@@ -556,6 +556,7 @@ def _edited_stage(
     timer.add("ablation", (edited - begin) + (time.perf_counter() - evaluated))
     timer.add("kl", evaluated - generated)
     timer.add("evaluation", evaluated - edited)
+    log.info("edited evaluation: %.1f s (KL %.1f s)", evaluated - edited, evaluated - generated)
     return EditedEvaluation(sets, kl, sets["harmful"].activations)
 
 
@@ -768,7 +769,8 @@ def main(cfg: DictConfig) -> float | list[float]:
         exit_code = 1
         try:
             results = run_trial(cfg, output_dir)
-            print(records.format_summary(results), flush=True)
+            # logged, so the summary is also in the trial's log file (Hydra's console handler prints it)
+            log.info("summary of %s\n%s", output_dir, records.format_summary(results))
             if not skipped:
                 _write_trial_figures(results, output_dir)
             tracker.log_trial(output_dir)
