@@ -1730,143 +1730,213 @@ def write_report(
         text += ["", *_rejudged_lines(results, judge)]
 
     if results:
-        cells = build_cells(results)
-        mixed = format_mixed_cells(cells.values(), settings)
-        text += ["", *_judge_lines(results)]
-        if mixed:
-            text += [
-                "",
-                f"**Warning: {len(mixed)} cell(s) hold trials whose configs differ in more than "
-                "the seed**; they are not averaged (see Mixed configs below).",
-            ]
-        groups = _group(results, setting_key)
-        n_harmful = sorted({_get(r, "eval", "n_harmful") for r in results}, key=str)
-        table1 = zero_refusal_rows(results, settings, min_comply)
-        text += [
-            "",
-            "## Table 1: layers reaching zero refusals (R = 0), with the lowest such weight",
-            "",
-            f"Outcomes of {'/'.join(map(str, n_harmful))} held-out harmful prompts as counts "
-            "out of n, with Wilson 95% intervals for the REFUSE and COMPLY rates. R = 0 is "
-            f"reached only with coherent compliance: no REFUSE and a COMPLY rate >= {min_comply:g} "
-            "(`--min-comply`); zero refusals with less compliance are shown as 'R = 0 without "
-            "compliance'. Efficiency = refusals removed per nat of KL. Cells with several seeds "
-            "show mean counts, their interval spanning the seeds' intervals.",
-            "",
-            format_zero_refusal_table(table1),
-        ]
-        written.append(
-            _write_csv(
-                assets / "table1_zero_refusal.csv",
-                TABLE1_FIELDS,
-                ([row[f] for f in TABLE1_FIELDS] for row in table1),
-            )
-        )
-
-        text += ["", "## Table 2: refusals R by layer x weight", ""]
-        for index, key in enumerate(settings.keys):
-            trials = groups[key]
-            unedited = _mean(outcome_counts_unedited(r) for r in trials)
-            text += [
-                f"### Table 2{chr(ord('a') + index % 26)}: {settings.label(key)}"
-                f" (unedited R = {_fmt_count(unedited)})",
-                "",
-                format_refusal_grid(trials),
-                "",
-            ]
-            layers, weights, grid = refusal_grid(trials)
-            written.append(
-                _write_csv(
-                    assets / f"table2_refusals_{settings.slug(key)}.csv",
-                    ["layer", *(f"w={w:g}" for w in weights)],
-                    ([layer, *(grid.get((layer, w)) for w in weights)] for layer in layers),
-                )
-            )
-
-        table3 = geometry_rows(results, settings)
-        several_models = len({r["model"] for r in table3}) > 1
-        text += [
-            "## Table 3: contrast geometry and capture by layer",
-            "",
-            "norm m/u: mean over categories of `|m_c| / |u_c|` (m_c = harmful - matched mean, "
-            "u_c = harmful - generic mean; Petrov: ~0.1); cos(t,u): how much of u_c is topic "
-            "(t_c = matched - generic mean); capture: the fraction of refused/answered pair "
-            "differences in the span of the setting's directions (mean over weights).",
-            "",
-            format_geometry_table(table3, several_models),
-        ]
-        table3_fields = list(table3[0])
-        written.append(
-            _write_csv(
-                assets / "table3_geometry_by_layer.csv",
-                table3_fields,
-                ([row.get(f) for f in table3_fields] for row in table3),
-            )
-        )
-
-        comparisons = paired_comparisons(results, settings)
-        text += ["", "## Paired comparison: matched vs unmatched on the same prompts", ""]
-        text += format_paired_section(comparisons)
-        written.append(
-            _write_csv(
-                assets / PAIRED_CSV,
-                PAIRED_FIELDS,
-                ([row[f] for f in PAIRED_FIELDS] for row in paired_rows(comparisons)),
-            )
-        )
-
-        replicates = replicate_rows(cells.values(), settings)
-        if replicates:
-            text += [
-                "",
-                "## Replicates: trials that differ only in their seed",
-                "",
-                "Per cell: the rate's mean over the seeds, [min-max], and sample sd.",
-                "",
-                format_replicates(replicates),
-            ]
-            written.append(
-                _write_csv(
-                    assets / REPLICATES_CSV,
-                    REPLICATE_FIELDS,
-                    ([row[f] for f in REPLICATE_FIELDS] for row in replicates),
-                )
-            )
-        if mixed:
-            text += ["", f"## Mixed configs ({len(mixed)} cell(s), not averaged)", "", *mixed]
-
-        figures = [
-            ("Outcome rates vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
-            ("KL vs weight", plot_kl_vs_weight(results, settings, assets / "kl_vs_weight.png")),
-            ("Matched/unmatched norm ratio by layer", plot_norm_ratio_by_layer(table3, assets / "norm_ratio_by_layer.png")),
-            ("Direction cosines", plot_direction_cosines(results, settings, assets / "direction_cosines.png")),
-        ]  # fmt: skip
-        trials = trials_frame(results, settings)
-        cells_table = cells_frame(trials)
-        by_category = category_frame(results, settings, trials)
-        if not cells_table.empty:
-            figures += [
-                ("Refusal vs KL, Pareto front per setting", plots.plot_refusal_vs_kl(cells_table, assets / "refusal_vs_kl.png")),
-                ("Outcomes by layer (stacked)", plots.plot_outcomes_stacked(cells_table, assets / "outcomes_by_layer.png")),
-                ("False refusals, capture and perturbation vs layer", plots.plot_side_effects_vs_layer(cells_table, assets / "side_effects_vs_layer.png")),
-            ]  # fmt: skip
-        if not by_category.empty:
-            figures.append(("Refusal by harm category and layer", plots.plot_category_heatmaps(by_category, assets / "refusal_by_category.png")))  # fmt: skip
-        written += [p for _, p in figures]
-        text += ["", "## Plots", ""]
-        text += [f"![{title}]({path.relative_to(out_dir).as_posix()})" for title, path in figures]
-        text += [
-            "",
-            f"Each trial's own figures (direction cosines, geometry, outcomes by category) are in "
-            f"`<trial>/{plots.PLOTS_DIR}/`.",
-        ]
+        body, written = _report_body(results, settings, out_dir, assets, min_comply)
+        text += body
         if trial_figures:
             write_trial_figures(results)
-
         text += ["", "## All trials", "", format_table(results)]
     else:
         text += ["", "No complete trials."]
+    text += _left_out_lines(incomplete_own, not_rejudged, judge)
 
+    trials_csv = _write_trials_csv(results, settings, out_dir / csv_name)
+    markdown = "\n".join(text) + "\n"
+    report = out_dir / report_name
+    report.write_text(markdown)
+    return markdown, [report, trials_csv, *written], incomplete
+
+
+_Section = tuple[list[str], list[Path]]  # (Markdown lines, files written for them)
+
+
+def _report_body(
+    results: list[Results], settings: Settings, out_dir: Path, assets: Path, min_comply: float
+) -> _Section:
+    """The sections drawn from the complete trials, tables 1-3 to the plots, with the CSV tables
+    and figures written into ``assets`` for them (in the order they appear)."""
+    cells = build_cells(results)
+    mixed = format_mixed_cells(cells.values(), settings)
+    text = ["", *_judge_lines(results)]
+    if mixed:
+        text += [
+            "",
+            f"**Warning: {len(mixed)} cell(s) hold trials whose configs differ in more than "
+            "the seed**; they are not averaged (see Mixed configs below).",
+        ]
+    sections = [
+        _table1_section(results, settings, min_comply, assets),
+        _table2_section(results, settings, assets),
+    ]
+    table3 = geometry_rows(results, settings)
+    sections += [
+        _table3_section(table3, assets),
+        _paired_section(results, settings, assets),
+        _replicates_section(cells, mixed, settings, assets),
+        _plots_section(results, settings, table3, out_dir, assets),
+    ]
+    written: list[Path] = []
+    for lines, files in sections:
+        text += lines
+        written += files
+    return text, written
+
+
+def _table1_section(
+    results: list[Results], settings: Settings, min_comply: float, assets: Path
+) -> _Section:
+    """Table 1: the layers reaching zero refusals with the lowest such weight."""
+    n_harmful = sorted({_get(r, "eval", "n_harmful") for r in results}, key=str)
+    table1 = zero_refusal_rows(results, settings, min_comply)
+    text = [
+        "",
+        "## Table 1: layers reaching zero refusals (R = 0), with the lowest such weight",
+        "",
+        f"Outcomes of {'/'.join(map(str, n_harmful))} held-out harmful prompts as counts "
+        "out of n, with Wilson 95% intervals for the REFUSE and COMPLY rates. R = 0 is "
+        f"reached only with coherent compliance: no REFUSE and a COMPLY rate >= {min_comply:g} "
+        "(`--min-comply`); zero refusals with less compliance are shown as 'R = 0 without "
+        "compliance'. Efficiency = refusals removed per nat of KL. Cells with several seeds "
+        "show mean counts, their interval spanning the seeds' intervals.",
+        "",
+        format_zero_refusal_table(table1),
+    ]
+    table_csv = _write_csv(
+        assets / "table1_zero_refusal.csv",
+        TABLE1_FIELDS,
+        ([row[f] for f in TABLE1_FIELDS] for row in table1),
+    )
+    return text, [table_csv]
+
+
+def _table2_section(results: list[Results], settings: Settings, assets: Path) -> _Section:
+    """Table 2: refusals by layer x weight, one grid (and CSV) per setting."""
+    groups = _group(results, setting_key)
+    text = ["", "## Table 2: refusals R by layer x weight", ""]
+    written: list[Path] = []
+    for index, key in enumerate(settings.keys):
+        trials = groups[key]
+        unedited = _mean(outcome_counts_unedited(r) for r in trials)
+        text += [
+            f"### Table 2{chr(ord('a') + index % 26)}: {settings.label(key)}"
+            f" (unedited R = {_fmt_count(unedited)})",
+            "",
+            format_refusal_grid(trials),
+            "",
+        ]
+        layers, weights, grid = refusal_grid(trials)
+        written.append(
+            _write_csv(
+                assets / f"table2_refusals_{settings.slug(key)}.csv",
+                ["layer", *(f"w={w:g}" for w in weights)],
+                ([layer, *(grid.get((layer, w)) for w in weights)] for layer in layers),
+            )
+        )
+    return text, written
+
+
+def _table3_section(table3: list[dict[str, Any]], assets: Path) -> _Section:
+    """Table 3: contrast geometry and capture by layer (``geometry_rows``)."""
+    several_models = len({r["model"] for r in table3}) > 1
+    text = [
+        "## Table 3: contrast geometry and capture by layer",
+        "",
+        "norm m/u: mean over categories of `|m_c| / |u_c|` (m_c = harmful - matched mean, "
+        "u_c = harmful - generic mean; Petrov: ~0.1); cos(t,u): how much of u_c is topic "
+        "(t_c = matched - generic mean); capture: the fraction of refused/answered pair "
+        "differences in the span of the setting's directions (mean over weights).",
+        "",
+        format_geometry_table(table3, several_models),
+    ]
+    table3_fields = list(table3[0])
+    table_csv = _write_csv(
+        assets / "table3_geometry_by_layer.csv",
+        table3_fields,
+        ([row.get(f) for f in table3_fields] for row in table3),
+    )
+    return text, [table_csv]
+
+
+def _paired_section(results: list[Results], settings: Settings, assets: Path) -> _Section:
+    """Matched vs unmatched baselines compared on the same prompts."""
+    comparisons = paired_comparisons(results, settings)
+    text = ["", "## Paired comparison: matched vs unmatched on the same prompts", ""]
+    text += format_paired_section(comparisons)
+    table_csv = _write_csv(
+        assets / PAIRED_CSV,
+        PAIRED_FIELDS,
+        ([row[f] for f in PAIRED_FIELDS] for row in paired_rows(comparisons)),
+    )
+    return text, [table_csv]
+
+
+def _replicates_section(
+    cells: dict[tuple, Cell], mixed: list[str], settings: Settings, assets: Path
+) -> _Section:
+    """The seed replicates of each cell, then the cells with mixed configs (not averaged)."""
+    text: list[str] = []
+    written: list[Path] = []
+    replicates = replicate_rows(cells.values(), settings)
+    if replicates:
+        text += [
+            "",
+            "## Replicates: trials that differ only in their seed",
+            "",
+            "Per cell: the rate's mean over the seeds, [min-max], and sample sd.",
+            "",
+            format_replicates(replicates),
+        ]
+        written.append(
+            _write_csv(
+                assets / REPLICATES_CSV,
+                REPLICATE_FIELDS,
+                ([row[f] for f in REPLICATE_FIELDS] for row in replicates),
+            )
+        )
+    if mixed:
+        text += ["", f"## Mixed configs ({len(mixed)} cell(s), not averaged)", "", *mixed]
+    return text, written
+
+
+def _plots_section(
+    results: list[Results],
+    settings: Settings,
+    table3: list[dict[str, Any]],
+    out_dir: Path,
+    assets: Path,
+) -> _Section:
+    """The sweep's figures, drawn into ``assets`` and linked relative to ``out_dir``."""
+    figures = [
+        ("Outcome rates vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
+        ("KL vs weight", plot_kl_vs_weight(results, settings, assets / "kl_vs_weight.png")),
+        ("Matched/unmatched norm ratio by layer", plot_norm_ratio_by_layer(table3, assets / "norm_ratio_by_layer.png")),
+        ("Direction cosines", plot_direction_cosines(results, settings, assets / "direction_cosines.png")),
+    ]  # fmt: skip
+    trials = trials_frame(results, settings)
+    cells_table = cells_frame(trials)
+    by_category = category_frame(results, settings, trials)
+    if not cells_table.empty:
+        figures += [
+            ("Refusal vs KL, Pareto front per setting", plots.plot_refusal_vs_kl(cells_table, assets / "refusal_vs_kl.png")),
+            ("Outcomes by layer (stacked)", plots.plot_outcomes_stacked(cells_table, assets / "outcomes_by_layer.png")),
+            ("False refusals, capture and perturbation vs layer", plots.plot_side_effects_vs_layer(cells_table, assets / "side_effects_vs_layer.png")),
+        ]  # fmt: skip
+    if not by_category.empty:
+        figures.append(("Refusal by harm category and layer", plots.plot_category_heatmaps(by_category, assets / "refusal_by_category.png")))  # fmt: skip
+    text = ["", "## Plots", ""]
+    text += [f"![{title}]({path.relative_to(out_dir).as_posix()})" for title, path in figures]
+    text += [
+        "",
+        f"Each trial's own figures (direction cosines, geometry, outcomes by category) are in "
+        f"`<trial>/{plots.PLOTS_DIR}/`.",
+    ]
+    return text, [p for _, p in figures]
+
+
+def _left_out_lines(
+    incomplete_own: list[tuple[Path, str]], not_rejudged: list[tuple[Path, str]], judge: str | None
+) -> list[str]:
+    """The sections listing the incomplete trials and, with a judge, those not re-judged."""
+    text: list[str] = []
     if incomplete_own:
         text += ["", f"## Incomplete trials ({len(incomplete_own)}): no complete results.json", ""]
         text += [f"- {directory}: {why}" for directory, why in incomplete_own]
@@ -1877,20 +1947,20 @@ def write_report(
             "",
         ]
         text += [f"- {directory}: {why}" for directory, why in not_rejudged]
+    return text
 
+
+def _write_trials_csv(results: list[Results], settings: Settings, path: Path) -> Path:
+    """report.csv: one row per complete trial, its setting, its columns and its directory."""
     columns = trial_csv_columns() + category_csv_columns(results)
-    trials_csv = _write_csv(
-        out_dir / csv_name,
+    return _write_csv(
+        path,
         ["setting", *(name for name, _ in columns), "dir"],
         (
             [settings.label(setting_key(r)), *(get(r) for _, get in columns), r["_dir"]]
             for r in results
         ),
     )
-    markdown = "\n".join(text) + "\n"
-    report = out_dir / report_name
-    report.write_text(markdown)
-    return markdown, [report, trials_csv, *written], incomplete
 
 
 def report_group(results: list[Results], root: Path) -> str:

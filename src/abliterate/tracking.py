@@ -600,6 +600,24 @@ def _layer_series(
     return xs, ys, keys
 
 
+def _report_media(wandb: Any, trials: Any, written: Sequence[Path]) -> dict[str, Any]:
+    """What a report run logs: report.csv's rows (``trials``) as a table, every written figure,
+    and line charts of the refusal and compliance rates and KL against layer."""
+    media: dict[str, Any] = {REPORT_TABLE: wandb.Table(dataframe=trials)}
+    for path in written:
+        if path.suffix == ".png":
+            media[f"report/{path.stem}"] = wandb.Image(str(path))
+    for value, title in (("eval.refusal_rate", "harmful REFUSE rate"),
+                         ("eval.comply_rate", "harmful COMPLY rate"),
+                         ("eval.kl_divergence", "KL(original || edited)")):  # fmt: skip
+        if value in trials and trials[value].notna().any():
+            xs, ys, keys = _layer_series(trials, value)
+            media[f"by_layer/{value.split('.')[-1]}"] = wandb.plot.line_series(
+                xs=xs, ys=ys, keys=keys, title=f"{title} vs layer", xname="layer"
+            )
+    return media
+
+
 def log_report(
     out_dir: Path,
     written: Sequence[Path],
@@ -648,20 +666,7 @@ def log_report(
     wandb, run, previous = opened
     exit_code = 1
     try:
-        trials = pd.read_csv(trials_csv)
-        media: dict[str, Any] = {REPORT_TABLE: wandb.Table(dataframe=trials)}
-        for path in written:
-            if path.suffix == ".png":
-                media[f"report/{path.stem}"] = wandb.Image(str(path))
-        for value, title in (("eval.refusal_rate", "harmful REFUSE rate"),
-                             ("eval.comply_rate", "harmful COMPLY rate"),
-                             ("eval.kl_divergence", "KL(original || edited)")):  # fmt: skip
-            if value in trials and trials[value].notna().any():
-                xs, ys, keys = _layer_series(trials, value)
-                media[f"by_layer/{value.split('.')[-1]}"] = wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=keys, title=f"{title} vs layer", xname="layer"
-                )
-        run.log(media)
+        run.log(_report_media(wandb, pd.read_csv(trials_csv), written))
         run.summary.update({k: v for k, v in config.items() if isinstance(v, (int, float))})
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"report-{Path(group).name}-{markdown.stem}")
         artifact = wandb.Artifact(slug.strip("_")[:128], type="report", metadata=config)
@@ -698,9 +703,9 @@ def sync_trials(
     Returns:
         [(trial directory, what happened)] per trial.
     """
-    from abliterate.report import collect_results
-
-    results, _ = collect_results(root)
+    results = [
+        {**r, "_trial_dir": str(directory)} for directory, r in records.complete_trials(root)
+    ]
     done: list[tuple[Path, str]] = []
     # the mode asked for wins over $WANDB_MODE (which LoggerSettings lets win over the config)
     previous = {"WANDB_MODE": os.environ.get("WANDB_MODE")}
