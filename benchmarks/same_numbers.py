@@ -89,6 +89,9 @@ def _snapshot(work: Path) -> dict[str, Any]:
     tokenizer = build_char_tokenizer()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # the builtin prompts need more than tiny_models' 64 positions (rope: no position table, so
+    # the weights and every number are those of the snapshot's model)
+    model.config.max_position_embeddings = 512
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 

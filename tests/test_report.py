@@ -310,6 +310,7 @@ def tiny_multirun(tmp_path_factory):
     tokenizer = build_char_tokenizer()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.max_position_embeddings = 512  # the prompts' length (rope: no position table)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (root / "conf" / "experiment").mkdir(parents=True)
