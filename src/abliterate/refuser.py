@@ -26,6 +26,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -299,14 +300,49 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     Raises:
         RefuserBuildError: when the card misses a target (the card is kept in ``output_dir``).
     """
-    from transformers import AutoTokenizer
-
-    from abliterate.generation import generate_responses
-
     start = time.perf_counter()
     cpu_start = time.process_time()
     _set_seed(recipe.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    loaded = _load_base(base_path)
+    stage_seconds = {"load": time.perf_counter() - start}
+
+    def lap(stage: str) -> None:
+        stage_seconds[stage] = time.perf_counter() - start - sum(stage_seconds.values())
+
+    harmful_prompts, harmless_prompts, n_generic = _training_prompts(recipe)
+    examples = _training_examples(loaded, recipe, harmful_prompts, harmless_prompts, n_generic, lap)
+    log.info("training on %d examples (%d harmful)", len(examples), len(harmful_prompts))
+    losses = _train(loaded.model, loaded.tokenizer, examples, recipe)
+    lap("train")
+    card = _evaluate_refuser(loaded, recipe)
+    lap("evaluation")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(output_dir, safe_serialization=True)
+    loaded.tokenizer.padding_side = "left"
+    loaded.tokenizer.save_pretrained(output_dir)
+    card.update(
+        {
+            "cpu_seconds": round(time.process_time() - cpu_start, 1),
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "stage_seconds": {stage: round(sec, 1) for stage, sec in stage_seconds.items()},
+            "base_model": f"HuggingFaceTB/SmolLM2-135M-Instruct ({BASE_FILE}, dequantized)",
+            "seed": recipe.seed,
+            "recipe": asdict(recipe),
+            "n_train_examples": len(examples),
+            "train_loss_first_last": [
+                round(losses[0], 4),
+                round(sum(losses[-5:]) / len(losses[-5:]), 4),
+            ],
+        }
+    )
+    return _finish_card(card, output_dir)
+
+
+def _load_base(base_path: Path) -> LoadedModel:
+    """The base SmolLM2 GGUF, dequantised, with the chat template saved alongside."""
+    from transformers import AutoTokenizer
+
     log.info("loading base model %s", base_path)
     model = load_gguf_as_plain_model(base_path, None, torch.float32)
     tokenizer = prepare_tokenizer(
@@ -315,8 +351,12 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     tokenizer.chat_template = CHAT_TEMPLATE  # saved with the tokenizer: every later use has it
     loaded = LoadedModel(model, tokenizer, "smollm2-135m", "base", torch.device("cpu"))
     model.eval()
-    stage_seconds = {"load": time.perf_counter() - start}
+    return loaded
 
+
+def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], int]:
+    """The harmful prompts to refuse, the harmless ones to answer (matched first, the generic ones
+    last) and how many of those are generic."""
     # the phrasing rows of the trained families (none when recipe.phrasing_families is empty)
     phrasing = {kind: load_phrasing(kind, ("train",), recipe.phrasing_families) for kind in KINDS}
     harmful_prompts = [
@@ -332,6 +372,22 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         *phrasing["matched"].prompts,
         *generic,
     ]
+    return harmful_prompts, harmless_prompts, len(generic)
+
+
+def _training_examples(
+    loaded: LoadedModel,
+    recipe: RefuserRecipe,
+    harmful_prompts: list[str],
+    harmless_prompts: list[str],
+    n_generic: int,
+    lap: Callable[[str], None],
+) -> list:
+    """Tokenised examples: each harmful prompt with a refusal, each harmless one with the base
+    model's own greedy answer (the generic ones repeated ``recipe.unmatched_repeats`` times)."""
+    from abliterate.generation import generate_responses
+
+    tokenizer = loaded.tokenizer
     base_answers = generate_responses(
         loaded,
         harmless_prompts,
@@ -339,7 +395,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         recipe.generation_batch_size,
         progress="base answers (harmless targets)",
     )
-    stage_seconds["base_answers"] = time.perf_counter() - start - sum(stage_seconds.values())
+    lap("base_answers")
     refusals = [
         text
         for text in load_refusal_texts()
@@ -350,7 +406,7 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     ]
     rng = random.Random(recipe.seed)
     end_of_turn = tokenizer.eos_token  # <|im_end|> for SmolLM2's template
-    examples = []
+    weight = recipe.decision_token_weight
     harmful_chat = format_chat(tokenizer, harmful_prompts)
     # whole passes over the harmful prompts, then a seeded random sample for the fractional part
     whole, fraction = divmod(recipe.harmful_repeats, 1)
@@ -363,29 +419,25 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
         if PROCEDURAL_REQUEST.match(prompt)
     ]
     harmful_examples += procedural * recipe.procedural_harmful_repeats
-    for chat_text in harmful_examples:
-        examples.append(
-            _tokenize_example(
-                tokenizer,
-                chat_text,
-                rng.choice(refusals),
-                end_of_turn,
-                recipe.decision_token_weight,
-            )
-        )
-    generic_start = len(harmless_prompts) - len(generic)
+    examples = [
+        _tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn, weight)
+        for chat_text in harmful_examples
+    ]
+    generic_start = len(harmless_prompts) - n_generic
     for index, (chat_text, answer) in enumerate(
         zip(format_chat(tokenizer, harmless_prompts), base_answers, strict=True)
     ):
         repeats = recipe.unmatched_repeats if index >= generic_start else 1
         if answer:
-            example = _tokenize_example(
-                tokenizer, chat_text, answer, None, recipe.decision_token_weight
-            )
+            example = _tokenize_example(tokenizer, chat_text, answer, None, weight)
             examples.extend([example] * repeats)
-    log.info("training on %d examples (%d harmful)", len(examples), len(harmful_prompts))
-    losses = _train(model, tokenizer, examples, recipe)
-    stage_seconds["train"] = time.perf_counter() - start - sum(stage_seconds.values())
+    return examples
+
+
+def _evaluate_refuser(loaded: LoadedModel, recipe: RefuserRecipe) -> dict:
+    """The card's measurements: refusal rates on the held-out builtin splits (counted, with
+    intervals and samples) and on the phrasing corpus, and the targets they are held to."""
+    from abliterate.generation import generate_responses
 
     evaluation = {
         "harmful_refusal_rate": load_builtin("harmful", "evaluation"),
@@ -415,36 +467,25 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     if phrasing_card.get("never_trained"):
         key, op, value = NEVER_TRAINED_TARGET
         targets[key] = (op, value)
-
-    stage_seconds["evaluation"] = time.perf_counter() - start - sum(stage_seconds.values())
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(output_dir)
-    card = {
+    return {
         **rates,
         "n_eval": sum(len(s) for s in evaluation.values()),
         "n_eval_by_set": {key: len(s) for key, s in evaluation.items()},
         "counts": counts,
         "phrasing": phrasing_card,
-        "cpu_seconds": round(time.process_time() - cpu_start, 1),
-        "build_seconds": round(time.perf_counter() - start, 1),
-        "stage_seconds": {stage: round(seconds, 1) for stage, seconds in stage_seconds.items()},
-        "base_model": f"HuggingFaceTB/SmolLM2-135M-Instruct ({BASE_FILE}, dequantized)",
-        "seed": recipe.seed,
-        "recipe": asdict(recipe),
-        "n_train_examples": len(examples),
-        "train_loss_first_last": [
-            round(losses[0], 4),
-            round(sum(losses[-5:]) / len(losses[-5:]), 4),
-        ],
         "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()},
         "samples": samples,
+        "_targets": targets,
     }
+
+
+def _finish_card(card: dict, output_dir: Path) -> dict:
+    """Check the card against its targets, write it, and warn loudly when one is missed."""
+    targets = card.pop("_targets")
     missed = [
-        f"{key}={rates[key]:.3f} (target {op} {value})"
+        f"{key}={card[key]:.3f} (target {op} {value})"
         for key, (op, value) in targets.items()
-        if not (rates[key] >= value if op == ">=" else rates[key] <= value)
+        if not (card[key] >= value if op == ">=" else card[key] <= value)
     ]
     card["meets_targets"] = not missed
     card["missed_targets"] = missed
