@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from abliterate.cache import DiskCache
+from abliterate.cache import DiskCache, file_sha256
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, format_chat, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.phrasing import FAMILIES, KINDS, corpus_digest, families_of, load_phrasing
@@ -135,18 +135,10 @@ def find_base_gguf() -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def refuser_key(recipe: RefuserRecipe, base_path: Path) -> str:
     """Hash of base weights, training data and recipe."""
     digest = hashlib.sha256()
-    digest.update(_file_digest(base_path).encode())
+    digest.update(file_sha256(base_path).encode())
     for kind in ("harmful", "matched", "unmatched"):
         digest.update(load_builtin(kind, "refuser_train").fingerprint().encode())
         digest.update(load_builtin(kind, "evaluation").fingerprint().encode())
