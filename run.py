@@ -12,11 +12,12 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from abliterate.cache import LockTimeout
-from abliterate.config import ConfigError, register_configs
+from abliterate.config import ConfigError, register_configs, report_choice_errors_in_one_line
 from abliterate.pipeline import main
 from abliterate.prompts import PromptDataError
 
 register_configs()
+report_choice_errors_in_one_line()  # a bad choice value: one line, as a ConfigError
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

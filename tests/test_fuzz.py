@@ -21,10 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from abliterate.config import CHOICES, ConfigError, register_configs, validate_config
+from abliterate.config import ConfigError, choice_fields, register_configs, validate_config
 from abliterate.prompts import PromptDataError, load_prompt_set
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# the choice fields outside the prompt sets (whose source needs a matching path), and their values
+CHOICES = {
+    key: tuple(member.value for member in kind)
+    for key, kind in choice_fields().items()
+    if not key.startswith("data.")
+}
 FUZZ = settings(
     max_examples=40,
     deadline=None,

@@ -25,15 +25,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from abliterate import records
-from abliterate.config import (
-    BUILTIN_PROMPT_SETS,
-    BUILTIN_SPLITS,
-    PROMPT_SOURCES,
-    ConfigError,
-    register_configs,
-)
+from abliterate.config import ConfigError, register_configs
 from abliterate.pipeline import Session, run_trial
-from abliterate.prompts import BUILTIN_KINDS, SOURCES, SPLITS, PromptDataError
+from abliterate.prompts import PromptDataError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -298,10 +292,6 @@ def test_prompt_checks_run_before_weights_load(unloadable_model_dir, tmp_path, m
     cfg = compose_trial(unloadable_model_dir, tmp_path, *overrides)
     with pytest.raises((ConfigError, PromptDataError)):
         run_trial(cfg, session=Session())
-
-
-def test_config_mirrors_of_prompt_vocabulary_match_prompts_module():
-    assert (PROMPT_SOURCES, BUILTIN_PROMPT_SETS, BUILTIN_SPLITS) == (SOURCES, BUILTIN_KINDS, SPLITS)
 
 
 # ---------------------------------------------------------------- 2. degenerate science is data

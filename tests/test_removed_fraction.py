@@ -20,7 +20,7 @@ from abliterate.ablation import (
     effective_combine,
     removed_fraction,
 )
-from abliterate.config import CHOICES, AblationConfig
+from abliterate.config import AblationConfig, Combine
 
 D = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_removed_fraction_edge_cases():
 
 def test_effective_combine_resolves_auto_by_orthogonalisation():
     assert AblationConfig().combine == "auto"
-    assert "auto" in CHOICES["ablation.combine"]
+    assert "auto" in set(Combine)
     assert effective_combine(AblationConfig(), "none") == "merged"
     assert effective_combine(AblationConfig(), "svd") == "subspace"
     for combine in ("merged", "sum", "sequential", "subspace"):
@@ -202,7 +202,7 @@ def test_auto_is_the_configured_default():
     assert OmegaConf.load(ROOT / "conf/ablation/default.yaml").combine == "auto"
     for experiment in sorted((ROOT / "conf/experiment").glob("*.yaml")):
         combine = OmegaConf.load(experiment).ablation.combine
-        assert combine in CHOICES["ablation.combine"], experiment.name
+        assert combine in set(Combine), experiment.name
 
 
 def test_unresolved_auto_is_refused_by_the_edit():

@@ -63,7 +63,15 @@ import torch
 from torch import nn
 
 from abliterate.architectures import ResidualWriters, Writer
-from abliterate.config import CHOICES, AblationConfig
+from abliterate.config import (
+    AblationConfig,
+    AblationMode,
+    Combine,
+    DirectionNorm,
+    Orthogonalize,
+    Scope,
+    parse_choice,
+)
 
 COMPUTE_DTYPE = torch.float32  # edits are computed in float32 and cast back to the parameter dtype
 _BUILD_DTYPE = torch.float64  # the small (d_model, rank) factors are built in float64
@@ -170,7 +178,7 @@ def build_residual_projection(
     return ResidualProjection(left=_shared_strength(strengths) * basis, right=basis)
 
 
-def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> str:
+def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> Combine:
     """The combination an ablation really uses: ``ablation.combine``, with ``auto`` resolved.
 
     ``auto`` (the default) means ``merged`` for directions as extracted
@@ -193,22 +201,13 @@ def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> str:
     Raises:
         AblationError: an unknown ``combine``, or ``auto`` with an unknown ``orthogonalize``.
     """
-    combine = ablation_cfg.combine
-    allowed = CHOICES["ablation.combine"]
-    if combine not in allowed:
-        raise AblationError(
-            f"ablation.combine={combine!r} is not valid; choose one of {', '.join(allowed)}"
-        )
-    if combine != "auto":
+    combine = parse_choice(Combine, ablation_cfg.combine, "ablation.combine", AblationError)
+    if combine != Combine.auto:
         return combine
-    if orthogonalize == "svd":
-        return "subspace"
-    if orthogonalize == "none":
-        return "merged"
-    raise AblationError(
-        f"ablation.combine=auto cannot be resolved for extraction.orthogonalize={orthogonalize!r}; "
-        f"choose one of {', '.join(CHOICES['extraction.orthogonalize'])}"
-    )
+    key = "extraction.orthogonalize"
+    if parse_choice(Orthogonalize, orthogonalize, key, AblationError) == Orthogonalize.svd:
+        return Combine.subspace
+    return Combine.merged
 
 
 def removed_fraction(
@@ -431,16 +430,12 @@ def apply_ablation(
     ``cfg.combine`` must be resolved (``effective_combine``); ``auto`` raises AblationError.
     """
     _check_config(cfg)
-    if cfg.mode == "weights":
+    if parse_choice(AblationMode, cfg.mode, "ablation.mode", AblationError) == AblationMode.weights:
         with apply_weight_ablation(writers, directions, layer, cfg, scales):
             yield
-    elif cfg.mode == "hooks":
+    else:
         with ablation_hooks(model, writers, directions, layer, cfg, scales):
             yield
-    else:
-        raise AblationError(
-            f"ablation.mode={cfg.mode!r} is not valid; choose one of {CHOICES['ablation.mode']}"
-        )
 
 
 def select_writers(writers: ResidualWriters, layer: int, cfg: AblationConfig) -> list[Writer]:
@@ -631,11 +626,8 @@ def _check_config(cfg: AblationConfig) -> None:
             "effective_combine(cfg.ablation, cfg.extraction.orthogonalize) and pass the result "
             "(merged without SVD, subspace after SVD) before building or applying an edit"
         )
-    for key in ("scope", "combine", "direction_norm"):
-        allowed = CHOICES[f"ablation.{key}"]
-        if getattr(cfg, key) not in allowed:
-            raise AblationError(
-                f"ablation.{key}={getattr(cfg, key)!r} is not valid; choose one of {allowed}"
-            )
+    # a plain string from Python; a composed config holds enum members already
+    for key, kind in (("scope", Scope), ("combine", Combine), ("direction_norm", DirectionNorm)):
+        parse_choice(kind, getattr(cfg, key), f"ablation.{key}", AblationError)
     if not isinstance(cfg.weight, (int, float)) or not math.isfinite(cfg.weight) or cfg.weight < 0:
         raise AblationError(f"ablation.weight={cfg.weight!r} must be a finite number >= 0")

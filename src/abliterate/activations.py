@@ -25,12 +25,11 @@ from tqdm.auto import tqdm
 
 from abliterate.architectures import get_decoder_layers
 from abliterate.cache import DiskCache, content_key, save_safetensors_atomic
+from abliterate.config import Position, parse_choice
 from abliterate.models import LoadedModel, count_post_instruction_tokens, format_chat
 from abliterate.prompts import PromptSet
 
 log = logging.getLogger(__name__)
-
-POSITIONS = ("last", "mean_post_instruction")
 
 
 @dataclass
@@ -89,10 +88,8 @@ def _load_entry(directory: Path) -> torch.Tensor:
 
 
 def check_position(position: str) -> None:
-    if position not in POSITIONS:
-        raise ValueError(
-            f"extraction.position={position!r} is not valid; choose one of {', '.join(POSITIONS)}"
-        )
+    """A plain string from Python is checked; a composed config holds a Position already."""
+    parse_choice(Position, position, "extraction.position", ValueError)
 
 
 class PromptActivationCapture:

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from transformers import TextStreamer
 
 from abliterate import records
-from abliterate.config import ConfigError, ModelConfig
+from abliterate.config import ConfigError, Dtype, ModelConfig, ModelSource, parse_choice
 from abliterate.export import (
     CARD_FILE,
     ExportError,
@@ -173,9 +173,9 @@ def load_plain_model(target: str, path: Path, device: str | None, dtype: str | N
     model_cfg = OmegaConf.structured(
         ModelConfig(
             name=path.name if path.is_dir() else target,
-            source="hub",
+            source=ModelSource.hub,
             path=str(path) if path.is_dir() else target,
-            dtype=dtype or "auto",
+            dtype=parse_choice(Dtype, dtype or "auto", "--dtype", ChatError),
             device=device or "auto",
             default_layer=0,
             system_prompt=chat_settings.get("system_prompt"),

@@ -1,19 +1,22 @@
 """Typed schemas behind the YAML config groups.
 
 Each dataclass is registered in Hydra's ConfigStore as the base of its group, so a typo in a key
-or a value of the wrong type fails at compose time. Enum-like string fields are checked in
-``__post_init__``-style validators (``validate_config``) with messages that name the key, the bad
-value and the valid ones.
+or a value of the wrong type fails at compose time. A field with a fixed set of values is typed
+with a ``Choice`` enum, so a bad value fails at compose time too, in one line that names the key,
+the bad value and the valid ones (``report_choice_errors_in_one_line``). Numeric ranges and the
+checks that span several fields are ``validate_config``'s, here and nowhere downstream.
 """
 
 from __future__ import annotations
 
 import difflib
+import enum
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -33,15 +36,162 @@ HARM_CATEGORIES: tuple[str, ...] = (
 )
 
 
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is allowed."""
+
+
+class Choice(enum.StrEnum):
+    """The values of one choice field. Member names equal their values: OmegaConf looks a value
+    up by name (``Combine["merged"]``), Python by value (``Combine("merged")``), and both must
+    agree. A member is a ``str``: it compares, hashes, formats and serialises (json, YAML, W&B)
+    as its plain value, so results.json, config hashes and cache keys hold the same strings as
+    before these fields were enums."""
+
+
+class ModelSource(Choice):
+    hub = "hub"  # a hub repo id or a local transformers directory
+    gguf = "gguf"  # a .gguf file
+    embedded = "embedded"  # the built refuser
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"  # bfloat16 on CUDA, float32 on the CPU
+
+
+class Baseline(Choice):
+    matched = "matched"  # per-category topic-matched harmless mean
+    unmatched = "unmatched"  # one generic harmless mean
+
+
+class ExtractionMethod(Choice):
+    som_per_class = "som_per_class"
+    som_global = "som_global"
+    diff_in_means = "diff_in_means"
+
+
+class Position(Choice):
+    last = "last"  # the last prompt token
+    mean_post_instruction = "mean_post_instruction"  # mean over the template tokens after it
+
+
+class Topology(Choice):
+    hexagonal = "hexagonal"
+    rectangular = "rectangular"
+
+
+class Neighborhood(Choice):
+    gaussian = "gaussian"
+    mexican_hat = "mexican_hat"
+    bubble = "bubble"
+    triangle = "triangle"
+
+
+class Orthogonalize(Choice):
+    none = "none"
+    svd = "svd"
+
+
+class Scope(Choice):
+    all = "all"  # every layer's writers
+    layer = "layer"  # only the tested layer's writers
+
+
+class Combine(Choice):
+    """How k directions become one edit (abliterate.ablation's docstring has the maths)."""
+
+    merged = "merged"
+    sum = "sum"
+    sequential = "sequential"
+    subspace = "subspace"
+    auto = "auto"  # merged, or subspace after extraction.orthogonalize=svd
+
+
+class DirectionNorm(Choice):
+    unit = "unit"
+    relative = "relative"  # |d| / mean activation norm at the layer
+
+
+class AblationMode(Choice):
+    weights = "weights"  # edit the matrices in place, restored after
+    hooks = "hooks"  # the same map at inference time
+
+
+class LoggerName(Choice):
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class PromptSource(Choice):
+    builtin = "builtin"
+    hub = "hub"
+    file = "file"
+
+
+class BuiltinPromptSet(Choice):
+    """The ``path`` of a builtin prompt set (a hub or file set's path is free text)."""
+
+    harmful = "harmful"
+    matched = "matched"
+    unmatched = "unmatched"
+
+
+class BuiltinSplit(Choice):
+    """The ``split`` of a builtin prompt set, in the order abliterate.prompts cuts them."""
+
+    refuser_train = "refuser_train"
+    extraction = "extraction"
+    evaluation = "evaluation"
+
+
+class Categorize(Choice):
+    none = "none"
+    keywords = "keywords"  # the documented keyword rules of abliterate.categorize
+
+
+ChoiceT = TypeVar("ChoiceT", bound=Choice)
+
+
+def choice_message(key: str, value: Any, kind: type[Choice]) -> str:
+    """The one line every bad choice value gets, at compose time or from Python."""
+    return f"{key}={value!r} is not valid; choose one of {', '.join(kind)}"
+
+
+def parse_choice(
+    kind: type[ChoiceT],
+    value: Any,
+    key: str,
+    error: Callable[[str], Exception] = lambda message: ConfigError(message),
+) -> ChoiceT:
+    """``value`` as a member of ``kind``.
+
+    A composed config already holds members; this is for a plain string that reaches a stage
+    from Python (a dataclass built by hand, a SimpleNamespace), where the dataclass does not check
+    it. ``error`` builds the exception (the stage's own kind), with ``choice_message``.
+    """
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise error(choice_message(key, value, kind)) from None
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  # short name used in paths and reports
-    source: str = (
-        "hub"  # hub (repo id or local dir) | gguf (a .gguf file) | embedded (the built refuser)
-    )
+    source: ModelSource = ModelSource.hub  # hub (repo id or local dir) | gguf | embedded
     path: str = MISSING  # repo id, local directory, or .gguf file path
     gguf_file: str | None = None  # file name inside `path` when source=gguf and path is a directory
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: Dtype = Dtype.float32  # float32 | bfloat16 | float16 | auto
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     # a model larger than one device: auto | balanced | sequential (accelerate spreads the layers
     # over the visible GPUs, then the CPU) or one device; null: the whole model on `device`
@@ -60,7 +210,7 @@ class ModelConfig:
 
 @dataclass
 class PromptSetConfig:
-    source: str = "builtin"  # builtin | hub | file
+    source: PromptSource = PromptSource.builtin  # builtin | hub | file
     path: str | None = None  # builtin: harmful | matched | unmatched; hub: dataset id; file: path
     split: str | None = None  # builtin: refuser_train | extraction | evaluation; hub: dataset split
     column: str = "prompt"  # column / JSON key holding the prompt text
@@ -71,7 +221,7 @@ class PromptSetConfig:
     config_name: str | None = None  # hub: the dataset's config (subset), e.g. behaviors for JBB
     # keywords: with category_column null, assign the nine harm categories by the documented
     # keyword rules of abliterate.categorize (misc_harmful when none matches); none: no categories
-    categorize: str = "none"
+    categorize: Categorize = Categorize.none
 
 
 @dataclass
@@ -89,40 +239,39 @@ class DataConfig:
 
 @dataclass
 class BaselineConfig:
-    name: str = (
-        "unmatched"  # matched (per-category topic-matched mean) | unmatched (one generic mean)
-    )
+    # matched (per-category topic-matched mean) | unmatched (one generic mean)
+    name: Baseline = Baseline.unmatched
 
 
 @dataclass
 class ExtractionConfig:
-    method: str = "som_per_class"  # som_per_class | som_global | diff_in_means
-    position: str = "last"  # last (last prompt token) | mean_post_instruction (mean over template tokens after the instruction)
+    method: ExtractionMethod = ExtractionMethod.som_per_class  # | som_global | diff_in_means
+    # last (last prompt token) | mean_post_instruction (mean over template tokens after the
+    # instruction)
+    position: Position = Position.last
     som_rows: int = 3  # SOM grid rows
     som_cols: int = 3  # SOM grid columns
     sigma: float = 0.4  # neighbourhood radius, in grid units
     learning_rate: float = 0.01
     iterations: int = 10000  # MiniSom train_random iterations
-    topology: str = "hexagonal"  # hexagonal | rectangular
-    neighborhood: str = "gaussian"  # gaussian | mexican_hat | bubble | triangle
+    topology: Topology = Topology.hexagonal  # hexagonal | rectangular
+    neighborhood: Neighborhood = Neighborhood.gaussian  # | mexican_hat | bubble | triangle
     top_k: int | None = None  # som_global / svd: keep at most k directions (None: all)
-    orthogonalize: str = "none"  # none | svd
+    orthogonalize: Orthogonalize = Orthogonalize.none  # none | svd
     seed: int | None = None  # SOM initialisation and sample order; None: the trial's top-level seed
 
 
 @dataclass
 class AblationConfig:
     weight: float = 1.0  # w in W <- W - w r (r^T W); 1 projects out exactly, >1 over-projects
-    scope: str = "all"  # all (every layer's writers) | layer (only the tested layer's writers)
+    scope: Scope = Scope.all  # all (every layer's writers) | layer (only the tested layer's)
     # auto (merged; subspace after extraction.orthogonalize=svd: merging k orthonormal axes
     # removes only 1/k of each) | merged | sum | sequential | subspace
-    combine: str = "auto"
-    direction_norm: str = "unit"  # unit | relative (|d| / mean activation norm at the layer)
+    combine: Combine = Combine.auto
+    direction_norm: DirectionNorm = DirectionNorm.unit  # unit | relative (|d| / mean act. norm)
     norm_preserving: bool = False  # rescale each written vector back to its original norm
     embeddings: bool = False  # also project the direction out of the token embeddings
-    mode: str = (
-        "weights"  # weights (edit matrices in place, restored after) | hooks (inference-time)
-    )
+    mode: AblationMode = AblationMode.weights  # weights (in place, restored after) | hooks
 
 
 @dataclass
@@ -145,10 +294,10 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # wandb | none (results.json and friends are written either way)
+    name: LoggerName = LoggerName.none  # wandb | none (results.json is written either way)
     project: str = "abliterate"  # W&B project
     entity: str | None = None  # W&B team or user; None: the account's default entity
-    mode: str = "offline"  # offline (local, `wandb sync` later) | online | disabled
+    mode: LoggerMode = LoggerMode.offline  # offline (local, `wandb sync` later) | online | disabled
     group: str | None = None  # None: the sweep's directory (multirun) or the run directory
     tags: list[str] = field(default_factory=list)  # W&B run tags
     job_type: str = "trial"  # W&B job type
@@ -190,37 +339,24 @@ class TrialConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.source": ("hub", "gguf", "embedded"),
-    "model.dtype": ("float32", "bfloat16", "float16", "auto"),
-    "baseline.name": ("matched", "unmatched"),
-    "extraction.method": ("som_per_class", "som_global", "diff_in_means"),
-    "extraction.position": ("last", "mean_post_instruction"),
-    "extraction.topology": ("hexagonal", "rectangular"),
-    "extraction.neighborhood": ("gaussian", "mexican_hat", "bubble", "triangle"),
-    "extraction.orthogonalize": ("none", "svd"),
-    "ablation.scope": ("all", "layer"),
-    "ablation.combine": ("merged", "sum", "sequential", "subspace", "auto"),
-    "ablation.direction_norm": ("unit", "relative"),
-    "ablation.mode": ("weights", "hooks"),
-    "logger.name": ("wandb", "none"),
-    "logger.mode": ("offline", "online", "disabled"),
-}
-
-
 PROMPT_SETS: tuple[str, ...] = (
     "harmful_train", "matched_train", "unmatched_train", "harmful_eval", "matched_eval",
     "unmatched_eval",
 )  # fmt: skip
-# as abliterate.prompts.SOURCES, BUILTIN_KINDS and SPLITS (prompts imports nothing from here)
-PROMPT_SOURCES: tuple[str, ...] = ("builtin", "hub", "file")
-BUILTIN_PROMPT_SETS: tuple[str, ...] = ("harmful", "matched", "unmatched")
-BUILTIN_SPLITS: tuple[str, ...] = ("refuser_train", "extraction", "evaluation")
-PROMPT_CATEGORIZERS: tuple[str, ...] = ("none", "keywords")
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key, the value and what is allowed."""
+def choice_fields(node: type = TrialConfig, prefix: str = "") -> dict[str, type[Choice]]:
+    """Every choice field of the schema, by dotted key (``ablation.combine``: ``Combine``)."""
+    import dataclasses
+    import typing
+
+    fields: dict[str, type[Choice]] = {}
+    for name, hint in typing.get_type_hints(node).items():
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            fields[f"{prefix}{name}"] = hint
+        elif dataclasses.is_dataclass(hint):
+            fields.update(choice_fields(hint, f"{prefix}{name}."))  # type: ignore[arg-type]
+    return fields
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -239,7 +375,6 @@ def validate_config(cfg: Any) -> None:
     Raises:
         ConfigError: naming the key, the bad value and the valid values.
     """
-    _check_choices(cfg)
     _check_numbers(cfg)
     _validate_judge(cfg)
     _validate_objectives(_get(cfg, "objectives"))
@@ -247,13 +382,6 @@ def validate_config(cfg: Any) -> None:
     for name in PROMPT_SETS:
         _check_prompt_set(cfg, name)
     _check_categories(cfg)
-
-
-def _check_choices(cfg: Any) -> None:
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
 
 
 def _check_numbers(cfg: Any) -> None:
@@ -306,21 +434,17 @@ def _check_logger(cfg: Any) -> None:
 def _check_prompt_set(cfg: Any, name: str) -> None:
     """One prompt set's source, path, split, sizes and categorisation."""
     source = _get(cfg, f"data.{name}.source")
-    if source not in PROMPT_SOURCES:
-        raise ConfigError(
-            f"data.{name}.source={source!r} is not valid; choose one of {', '.join(PROMPT_SOURCES)}"
-        )
     path = _get(cfg, f"data.{name}.path")
-    if source == "builtin" and path not in BUILTIN_PROMPT_SETS:
+    if source == PromptSource.builtin and path not in set(BuiltinPromptSet):
         raise ConfigError(
             f"data.{name}.path={path!r} is not a builtin prompt set; choose one of "
-            f"{', '.join(BUILTIN_PROMPT_SETS)}"
+            f"{', '.join(BuiltinPromptSet)}"
         )
     split = _get(cfg, f"data.{name}.split")
-    if source == "builtin" and split is not None and split not in BUILTIN_SPLITS:
+    if source == PromptSource.builtin and split is not None and split not in set(BuiltinSplit):
         raise ConfigError(
             f"data.{name}.split={split!r} is not a builtin split; choose one of "
-            f"{', '.join(BUILTIN_SPLITS)} or null"
+            f"{', '.join(BuiltinSplit)} or null"
         )
     if source in ("hub", "file") and not path:
         raise ConfigError(f"data.{name}.path is required when data.{name}.source={source}")
@@ -331,11 +455,6 @@ def _check_prompt_set(cfg: Any, name: str) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"data.{name}.{key}={value!r} must be >= 1 or null")
     categorize = _get(cfg, f"data.{name}.categorize")
-    if categorize not in PROMPT_CATEGORIZERS:
-        raise ConfigError(
-            f"data.{name}.categorize={categorize!r} is not valid; choose one of "
-            f"{', '.join(PROMPT_CATEGORIZERS)}"
-        )
     if categorize != "none" and _get(cfg, f"data.{name}.category_column") is not None:
         raise ConfigError(
             f"data.{name}.categorize={categorize} assigns categories only to a set without "
@@ -507,6 +626,53 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def choice_error_line(error: BaseException) -> str | None:
+    """The one-line message of a compose error that is a bad value of a ``Choice`` field, or None
+    for any other error."""
+    from omegaconf.errors import ValidationError
+
+    cause = error.__cause__
+    kind = getattr(getattr(cause, "child_node", None), "enum_type", None)
+    if not isinstance(cause, ValidationError) or not isinstance(kind, type):
+        return None
+    if not issubclass(kind, Choice):
+        return None
+    return choice_message(str(cause.full_key), cause.value, kind)
+
+
+def report_choice_errors_in_one_line() -> None:
+    """Make the command line report a bad choice value as ``error: <key>=<value> is not valid;
+    choose one of ...``, the line a ``ConfigError`` gets, instead of Hydra's five.
+
+    Hydra prints a compose error as its own line plus the OmegaConf cause's several lines
+    (full_key, reference_type, object_type) and has no hook to shorten them: its error reporter
+    (``hydra._internal.utils.run_and_report``, which wraps composition, run and multirun) is
+    wrapped so that such an error reaches it as a compact one-line exception. Other errors pass
+    through unchanged. Idempotent.
+    """
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import CompactHydraException, ConfigCompositionException
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "_choice_errors", False):
+        return
+
+    def run_and_report(func: Any) -> Any:
+        def translated() -> Any:
+            try:
+                return func()
+            except ConfigCompositionException as error:
+                line = choice_error_line(error)
+                if line is None:
+                    raise
+                raise CompactHydraException(f"error: {line}") from None
+
+        return report(translated)
+
+    run_and_report._choice_errors = True  # type: ignore[attr-defined]
+    hydra_utils.run_and_report = run_and_report
 
 
 def register_configs() -> None:

@@ -33,11 +33,8 @@ import torch
 from safetensors import safe_open
 
 from abliterate.cache import save_safetensors_atomic
+from abliterate.config import Baseline, ExtractionMethod, Orthogonalize, parse_choice
 from abliterate.som import assign_winners, train_som, train_soms_lockstep
-
-BASELINES = ("matched", "unmatched")
-METHODS = ("som_per_class", "som_global", "diff_in_means")
-ORTHOGONALIZE = ("none", "svd")
 
 # A direction is "zero" when |d| <= ZERO_NORM_RTOL * mean_i |h_i|: scale-free across layers whose
 # activation norms differ by orders of magnitude.
@@ -180,23 +177,22 @@ def _baseline_rows(
 ) -> torch.Tensor:
     """The baseline mean subtracted from each harmful row: (n, d_model) float64."""
     n, d_model = harmful.shape
-    if baseline == "unmatched":
+    # a plain string from Python; a composed config holds a Baseline already
+    if parse_choice(Baseline, baseline, "baseline", ValueError) == Baseline.unmatched:
         if unmatched_mean is None:
             raise ValueError("baseline=unmatched needs unmatched_mean")
         _check_mean("unmatched_mean", unmatched_mean, d_model)
         return unmatched_mean.double().expand(n, d_model)
-    if baseline == "matched":
-        _check_matched_coverage(categories, matched_means)
-        assert matched_means is not None
-        names = list(dict.fromkeys(categories))
-        for name in names:
-            _check_mean(f"matched_means[{name!r}]", matched_means[name], d_model)
-        if not names:
-            return torch.zeros(0, d_model, dtype=torch.float64)
-        table = torch.stack([matched_means[name].double() for name in names])  # (n_cat, d_model)
-        index = torch.tensor([names.index(c) for c in categories], dtype=torch.long)
-        return table[index]  # (n, d_model)
-    raise ValueError(f"baseline={baseline!r} is not valid; choose one of {', '.join(BASELINES)}")
+    _check_matched_coverage(categories, matched_means)
+    assert matched_means is not None
+    names = list(dict.fromkeys(categories))
+    for name in names:
+        _check_mean(f"matched_means[{name!r}]", matched_means[name], d_model)
+    if not names:
+        return torch.zeros(0, d_model, dtype=torch.float64)
+    table = torch.stack([matched_means[name].double() for name in names])  # (n_cat, d_model)
+    index = torch.tensor([names.index(c) for c in categories], dtype=torch.long)
+    return table[index]  # (n, d_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,14 +235,10 @@ def extract_directions(
         ValueError: unknown method / baseline / orthogonalize, bad shapes, or a harmful category
             without matched prompts under ``baseline=matched``.
     """
-    method, orthogonalize = cfg.method, cfg.orthogonalize
-    if method not in METHODS:
-        raise ValueError(f"extraction.method={method!r} is not valid; choose one of {METHODS}")
-    if orthogonalize not in ORTHOGONALIZE:
-        raise ValueError(
-            f"extraction.orthogonalize={orthogonalize!r} is not valid; choose one of "
-            f"{ORTHOGONALIZE}"
-        )
+    # plain strings from Python; a composed config holds enum members already
+    method = parse_choice(ExtractionMethod, cfg.method, "extraction.method", ValueError)
+    key = "extraction.orthogonalize"
+    orthogonalize = parse_choice(Orthogonalize, cfg.orthogonalize, key, ValueError)
     _check_activations(harmful, categories)
     categories = list(categories)
     order = list(dict.fromkeys(list(expected_categories or []) + categories))

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.config import ConfigError
+from abliterate.config import ConfigError, ModelSource, parse_choice
 from abliterate.models import (
     LoadedModel,
     choose_batch_size,
@@ -37,18 +37,19 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     placement = device_map_option(cfg)  # {} or {"device_map": ...}: accelerate places layers
-    if cfg.source == "embedded":
+    source = parse_choice(ModelSource, cfg.source, "model.source")  # a plain str from Python
+    if source == ModelSource.embedded:
         directory = ensure_refuser(Path(cache_dir))
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         identity = model_identity("embedded", directory)
-    elif cfg.source == "gguf":
+    elif source == ModelSource.gguf:
         model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
         path = Path(cfg.path)
         directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
         identity = model_identity("gguf", directory / file)
-    elif cfg.source == "hub":
+    else:
         local = Path(cfg.path)
         if (
             not cfg.allow_pickle
@@ -73,10 +74,6 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
             cfg.path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
         identity = model_identity("hub", cfg.path, model.config, cfg.revision)
-    else:
-        raise ValueError(
-            f"model.source={cfg.source!r} is not valid; choose one of hub, gguf, embedded"
-        )
     if placement:
         # inputs go where the embedding is
         device = cast(torch.device, model.get_input_embeddings().weight.device)

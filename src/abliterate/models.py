@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from abliterate.config import ConfigError
+from abliterate.config import ConfigError, Dtype, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
+    # judge.dtype is a plain string, and so is a dtype from Python
+    if parse_choice(Dtype, dtype, "model.dtype", ValueError) == Dtype.auto:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(
-            f"model.dtype={dtype!r} is not valid; choose one of {', '.join([*DTYPES, 'auto'])}"
-        )
     return DTYPES[dtype]
 
 

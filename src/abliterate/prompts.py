@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.categorize import describe, keyword_categories
+from abliterate.config import BuiltinPromptSet, BuiltinSplit, Categorize, PromptSource, parse_choice
 
-BUILTIN_KINDS = ("harmful", "matched", "unmatched")
-SPLITS = ("refuser_train", "extraction", "evaluation")
+BUILTIN_KINDS: tuple[str, ...] = tuple(kind.value for kind in BuiltinPromptSet)
+SPLITS: tuple[str, ...] = tuple(split.value for split in BuiltinSplit)
 # Fractions of each category (or of the unmatched pool) that go to each split, in SPLITS order.
 SPLIT_FRACTIONS = (1 / 3, 0.4, None)  # None: the rest
-SOURCES = ("builtin", "hub", "file")
-# how a hub or file set without a category column gets categories (abliterate.categorize)
-CATEGORIZERS = ("none", "keywords")
 
 log = logging.getLogger(__name__)
 
@@ -446,11 +444,9 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
     Raises:
         PromptDataError: naming the source and the position of the bad row.
     """
-    if cfg.source not in SOURCES:
-        raise PromptDataError(
-            f"data.{name}.source={cfg.source!r} is not valid; choose one of {', '.join(SOURCES)}"
-        )
-    if cfg.source == "builtin":
+    # plain strings from Python (a SimpleNamespace, a dataclass); a composed config holds members
+    source = parse_choice(PromptSource, cfg.source, f"data.{name}.source", PromptDataError)
+    if source == PromptSource.builtin:
         prompt_set = load_builtin(cfg.path, cfg.split, categories)
     else:
         if not cfg.path:
@@ -471,12 +467,8 @@ def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) ->
         )
         if not prompts:
             raise PromptDataError(f"data.{name}: {origin} holds no prompts")
-        if categorize not in CATEGORIZERS:
-            raise PromptDataError(
-                f"data.{name}.categorize={categorize!r} is not valid; choose one of "
-                f"{', '.join(CATEGORIZERS)}"
-            )
-        if categorize == "keywords":
+        key = f"data.{name}.categorize"
+        if parse_choice(Categorize, categorize, key, PromptDataError) == Categorize.keywords:
             if cfg.category_column is not None:
                 raise PromptDataError(
                     f"data.{name}: categorize=keywords assigns categories only to a set without "
