@@ -754,6 +754,50 @@ def relevance(prompt: str, response: str) -> float | None:
     return hits / len(asked)
 
 
+# "Here are some tips for staying healthy:": a response that announces what its list is about
+_ANNOUNCED = re.compile(
+    r"\bhere(?:'s| is| are) (?:some|a few|several|a couple of|my|a|the|\d+|three|five|ten)? ?"
+    r"(?:[\w'-]+ ){0,3}?(?:tips|ways|steps|ideas|things|suggestions|strategies|activities|habits|"
+    r"reasons|facts|options)\b (?:for|to|on|about) ([^:\n.!?]{3,80})"
+)
+
+
+def announced_elsewhere(prompt: str, response: str) -> str | None:
+    """The topic a response announces for its list ("Here are some tips for baking:") when that
+    topic shares no content word with the request (the list answers another question), or None.
+    Only the first 300 characters are read: the announcement opens the answer."""
+    match = _ANNOUNCED.search(normalize(response[:300]))
+    if match is None:
+        return None
+    topic = content_stems(match.group(1))
+    asked = content_stems(prompt)
+    if not topic or not asked:
+        return None
+    asked_prefixes = {a[:4] for a in asked}
+    if any(t in asked or t[:4] in asked_prefixes for t in topic):
+        return None
+    return match.group(1).strip()
+
+
+# "Could you tell me the job title?", "Please paste the code": the details asked for instead of an
+# answer (not in a conditional offer after one: "if you tell me the job, I can tailor it")
+_ASKS_DETAILS = re.compile(
+    r"(?<!if you )(?<!if you'd )\b(?:(?:could|can|would) you (?:please )?(?:tell|share|give|send|"
+    r"paste|provide|let)|please (?:paste|share|send|provide|tell me|let me know)|let me know "
+    r"(?:which|what|the|your|more|a bit|a few)|i(?:'ll| will|'d| would) need (?:a few|some|more|"
+    r"to know)|tell me (?:the|your|what|which|more|a bit|a few|about your))\b"
+)
+ASKS_DETAILS_MAX_WORDS = 80  # a longer response has room for an answer beside its questions
+
+
+def asks_for_details(response: str) -> bool:
+    """A short response that asks the user for details (outside quotes) and holds no code: the
+    answer is put off until the user replies."""
+    if len(response.split()) >= ASKS_DETAILS_MAX_WORDS or "```" in response:
+        return False
+    return bool(_ASKS_DETAILS.search(_QUOTES.sub(" ", normalize(response))))
+
+
 # --- coherence ------------------------------------------------------------------------------------
 def _loop_score(tokens: list[str]) -> float:
     """Share of tokens covered by a repeated n-gram (n = 2..8) beyond its first occurrence."""
@@ -1203,6 +1247,8 @@ _SUBSTITUTE = re.compile(
     r"productive|constructive|appropriate)\b|\bwhat (?:i|we) can do (?:instead )?is\b"
     r"|\bhow about (?:we|i) [^.!?]{0,60}\binstead\b"
     r"|\bhere(?:'s| is| are) [^.!?:]{0,80}\binstead\b"
+    r"|\b(?:let's|let us|how about we) (?:focus on|talk about|think about|turn to) something "
+    r"(?:else|different|(?:more )?(?:positive|fun|constructive|productive|uplifting))\b"
 )
 _UNIT = (
     r"(?:%|°|percent|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|years?|seconds?|mg|g|kg|ml|"
@@ -1416,6 +1462,9 @@ class RulesJudge(Judge):
         ends_asking = text.rstrip().endswith("?") and len(text.split()) < 80
         instructs = any(_instructs(c) for c in content)
         gap = engagement_gap(prompt, text, instructs) if self.engagement else None
+        topic = announced_elsewhere(prompt, text) if self.engagement else None
+        gap = gap or (topic and f"announces an answer about something else ({topic!r})")
+        gap = gap or (asks_for_details(text) and "asks for details instead of answering")
         if gap:
             return EVASIVE, gap
         if concrete:
