@@ -26,14 +26,21 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from safetensors import safe_open
 
 from abliterate.cache import save_safetensors_atomic
-from abliterate.config import Baseline, ExtractionMethod, Orthogonalize, parse_choice
+from abliterate.config import (
+    Baseline,
+    ExtractionConfig,
+    ExtractionMethod,
+    Orthogonalize,
+    parse_choice,
+)
 from abliterate.som import assign_winners, train_som, train_soms_lockstep
 
 # A direction is "zero" when |d| <= ZERO_NORM_RTOL * mean_i |h_i|: scale-free across layers whose
@@ -205,7 +212,7 @@ def extract_directions(
     baseline: str,
     unmatched_mean: torch.Tensor | None,
     matched_means: Mapping[str, torch.Tensor] | None,
-    cfg: Any,
+    cfg: ExtractionConfig | DictConfig,
     layer: int,
     expected_categories: Sequence[str] | None = None,
 ) -> Directions:
@@ -235,6 +242,7 @@ def extract_directions(
         ValueError: unknown method / baseline / orthogonalize, bad shapes, or a harmful category
             without matched prompts under ``baseline=matched``.
     """
+    cfg = cast(ExtractionConfig, cfg)  # a composed node of the schema reads as one
     # plain strings from Python; a composed config holds enum members already
     method = parse_choice(ExtractionMethod, cfg.method, "extraction.method", ValueError)
     key = "extraction.orthogonalize"
@@ -287,7 +295,7 @@ def _extract_candidates(
     baseline: str,
     unmatched_mean: torch.Tensor | None,
     matched_means: Mapping[str, torch.Tensor] | None,
-    cfg: Any,
+    cfg: ExtractionConfig,
     info: dict[str, Any],
 ) -> list[_Candidate]:
     """The candidate directions of ``cfg.method``, before degenerate ones are dropped."""
@@ -308,7 +316,11 @@ def _extract_candidates(
 
 
 def _assemble_directions(
-    kept_candidates: list[_Candidate], d_model: int, cfg: Any, layer: int, info: dict[str, Any]
+    kept_candidates: list[_Candidate],
+    d_model: int,
+    cfg: ExtractionConfig,
+    layer: int,
+    info: dict[str, Any],
 ) -> Directions:
     """The kept candidates as ``Directions``: stacked as they are, or their SVD axes under
     ``orthogonalize=svd``."""
@@ -375,7 +387,7 @@ def _extract_som_per_class(
     differences: torch.Tensor,
     categories: list[str],
     order: list[str],
-    cfg: Any,
+    cfg: ExtractionConfig,
     info: dict[str, Any],
 ) -> list[_Candidate]:
     d_model = differences.shape[1]
@@ -427,7 +439,7 @@ def _extract_som_global(
     baseline: str,
     unmatched_mean: torch.Tensor | None,
     matched_means: Mapping[str, torch.Tensor] | None,
-    cfg: Any,
+    cfg: ExtractionConfig,
     info: dict[str, Any],
 ) -> list[_Candidate]:
     """Piras: SOM over the harmful activations themselves, then neuron weight - baseline mean.

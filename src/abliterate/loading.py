@@ -8,12 +8,12 @@ of them imports the other's caller: the dispatcher lives here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.config import ConfigError, ModelSource, parse_choice
+from abliterate.config import ConfigError, ModelConfig, ModelSource, parse_choice
 from abliterate.models import (
     LoadedModel,
     choose_batch_size,
@@ -27,7 +27,7 @@ from abliterate.provenance import model_identity
 from abliterate.refuser import ensure_refuser
 
 
-def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
+def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
     """Load the configured model and tokenizer.
 
     Args:
@@ -47,6 +47,7 @@ def load_model(cfg: Any, cache_dir: str | Path) -> LoadedModel:
         model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
         path = Path(cfg.path)
         directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
+        assert file is not None  # loaded just above: a GGUF directory came with its gguf_file
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
         identity = model_identity("gguf", directory / file)
     else:

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from abliterate.config import ConfigError, Dtype, parse_choice
+from abliterate.config import ConfigError, Dtype, ModelConfig, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: Any) -> None:
         )
 
 
-def _gguf_location(cfg: Any) -> tuple[Path, str]:
+def _gguf_location(cfg: ModelConfig) -> tuple[Path, str]:
     """(directory, file name) of a ``source: gguf`` model, checked to exist."""
     path = Path(cfg.path).expanduser()
     if path.is_dir():
@@ -132,7 +132,7 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _check_hub_path(cfg: Any) -> None:
+def _check_hub_path(cfg: ModelConfig) -> None:
     """A ``source: hub`` path is an existing directory or a valid hub repo id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -152,7 +152,7 @@ def _check_hub_path(cfg: Any) -> None:
         ) from None
 
 
-def _unreachable(cfg: Any, error: Exception) -> ConfigError:
+def _unreachable(cfg: ModelConfig, error: Exception) -> ConfigError:
     """The message for a hub id (or a directory) whose config.json cannot be read."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if Path(cfg.path).expanduser().is_dir():
@@ -174,7 +174,7 @@ def _unreachable(cfg: Any, error: Exception) -> ConfigError:
     )
 
 
-def read_model_config(cfg: Any) -> Any:
+def read_model_config(cfg: ModelConfig) -> Any:
     """The model's transformers config, read without loading weights (for early validation).
 
     Raises:
@@ -240,7 +240,7 @@ def model_class_name(config: Any, trust_remote_code: bool = False) -> str | None
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(getattr(config, "model_type", "")))
 
 
-def check_architecture(config: Any, cfg: Any) -> str:
+def check_architecture(config: Any, cfg: ModelConfig) -> str:
     """The model class ``cfg`` would load, checked against the residual-writer registry from the
     config alone (an unsupported model used to fail only after its weights had loaded).
 
@@ -267,7 +267,7 @@ def check_architecture(config: Any, cfg: Any) -> str:
     return name
 
 
-def read_tokenizer(cfg: Any) -> PreTrainedTokenizerBase | None:
+def read_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
     """The configured model's tokenizer without its weights; None for the embedded model (its
     tokenizer exists only once it is built)."""
     if cfg.source == "embedded":
@@ -345,7 +345,7 @@ def check_prompt_lengths(
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def device_map_option(cfg: Any) -> dict[str, Any]:
+def device_map_option(cfg: ModelConfig) -> dict[str, Any]:
     """``model.device_map`` as a ``from_pretrained`` option, checked before any weights load.
 
     null: the whole model on ``model.device``. Otherwise accelerate places the layers: one of

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.categorize import describe, keyword_categories
-from abliterate.config import BuiltinPromptSet, BuiltinSplit, Categorize, PromptSource, parse_choice
+from abliterate.config import (
+    BuiltinPromptSet,
+    BuiltinSplit,
+    Categorize,
+    PromptSetConfig,
+    PromptSource,
+    parse_choice,
+)
 
 BUILTIN_KINDS: tuple[str, ...] = tuple(kind.value for kind in BuiltinPromptSet)
 SPLITS: tuple[str, ...] = tuple(split.value for split in BuiltinSplit)
@@ -101,7 +108,7 @@ class PromptSet:
         return PromptSet(self.name, tuple(p for p, _ in rows), tuple(c for _, c in rows))
 
 
-def _read_builtin_rows(kind: str) -> list[dict[str, Any]]:
+def _read_builtin_rows(kind: str | None) -> list[dict[str, Any]]:
     if kind not in BUILTIN_KINDS:
         raise PromptDataError(
             f"builtin prompt set {kind!r} does not exist; choose one of {', '.join(BUILTIN_KINDS)}"
@@ -170,7 +177,9 @@ def split_rows(
     return chosen
 
 
-def load_builtin(kind: str, split: str | None, categories: list[str] | None = None) -> PromptSet:
+def load_builtin(
+    kind: str | None, split: str | None, categories: list[str] | None = None
+) -> PromptSet:
     """A builtin prompt set (``harmful``, ``matched`` or ``unmatched``), one split or all of it."""
     rows = _read_builtin_rows(kind)
     if split is not None:
@@ -430,7 +439,9 @@ def check_overlaps(
     return warnings
 
 
-def load_prompt_set(name: str, cfg: Any, categories: list[str] | None = None) -> PromptSet:
+def load_prompt_set(
+    name: str, cfg: PromptSetConfig, categories: list[str] | None = None
+) -> PromptSet:
     """Load one configured prompt set (a ``PromptSetConfig``) from builtin, hub or file.
 
     Args:

@@ -9,14 +9,15 @@ training on every neighbourhood and topology, so a MiniSom release that changes 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from minisom import MiniSom
 from tqdm.auto import tqdm
 
+from abliterate.config import ExtractionConfig
 
-def som_seed(cfg: Any) -> int:
+
+def som_seed(cfg: ExtractionConfig) -> int:
     """The SOM's seed; ``extraction.seed: null`` must have been resolved to the trial's seed
     (``pipeline.effective_extraction``): MiniSom would otherwise draw an unseeded, unrepeatable
     initialisation."""
@@ -28,7 +29,7 @@ def som_seed(cfg: Any) -> int:
     return int(cfg.seed)
 
 
-def train_som(data: np.ndarray, cfg: Any) -> MiniSom:
+def train_som(data: np.ndarray, cfg: ExtractionConfig) -> MiniSom:
     """MiniSom with the config's grid and schedule, seeded, initialised from the samples."""
     som = MiniSom(
         cfg.som_rows,
@@ -45,7 +46,7 @@ def train_som(data: np.ndarray, cfg: Any) -> MiniSom:
     return som
 
 
-def train_soms_lockstep(datasets: Sequence[np.ndarray], cfg: Any) -> list[np.ndarray]:
+def train_soms_lockstep(datasets: Sequence[np.ndarray], cfg: ExtractionConfig) -> list[np.ndarray]:
     """The final weights of ``train_som(data, cfg)`` for every dataset, trained side by side.
 
     Bit-identical to training one MiniSom per dataset (tests compare them): each map takes its
