@@ -22,7 +22,7 @@ from abliterate.ablation import (
     select_writers,
 )
 from abliterate.architectures import get_decoder_layers, resolve_residual_writers
-from abliterate.config import AblationConfig
+from abliterate.config import AblationConfig, Combine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +31,7 @@ def _one_torch_thread():
         yield
 
 
-COMBINES = ("merged", "sum", "sequential", "subspace")
+COMBINES = tuple(combine.value for combine in Combine if combine != Combine.auto)
 MERGED = AblationConfig(combine="merged")  # the default combine=auto must be resolved first
 POST_NORM_FAMILIES = ("gemma3", "gemma3_multimodal")
 D_MODEL = 64
@@ -114,11 +114,12 @@ def test_full_projection_removes_directions_from_the_residual_stream(family, com
     # norm the directions become normalize(g * r_i), which are not orthogonal, so Gemma gets one
     k = 1 if family in POST_NORM_FAMILIES and combine in ("sum", "sequential") else 3
     directions = random_directions(k, seed=1, orthonormal=combine in ("sum", "sequential"))
-    if combine == "merged":
-        checked = unit(unit(directions).sum(0, keepdim=True))
-    else:
-        checked = unit(directions)
     cfg = AblationConfig(weight=1.0, scope="all", combine=combine, embeddings=True)
+    # the stream-space axes the edit projects out (merged: one, subspace: the span, sum and
+    # sequential of orthonormal directions: the span), an orthonormal basis of U's columns
+    left = build_residual_projection(directions, cfg).left
+    basis, singular_values, _ = torch.linalg.svd(left, full_matrices=False)
+    checked = basis[:, singular_values > 1e-9].T.float()
 
     def worst_ratio(outputs):
         return max(

@@ -55,7 +55,7 @@ so at w = 1 the vectors stay orthogonal to r.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -145,37 +145,84 @@ def build_residual_projection(
             return vectors
         return _normalize_directions(vectors * gain, what="gain-mapped direction")
 
-    if cfg.combine == "merged":
-        total = unit.sum(dim=0)
-        if total.norm() < _MIN_DIRECTION_NORM * unit.shape[0]:
-            raise AblationError("the unit directions sum to zero; merged direction undefined")
-        merged = through_gain(_normalize_directions(total[None, :]))[0]  # (d_model,)
-        strength = _shared_strength(strengths)
-        return ResidualProjection(left=strength * merged[:, None], right=merged[:, None])
+    return _COMBINERS[cfg.combine](unit, strengths, through_gain)
+
+
+# A combiner turns the (k, d_model) float64 unit directions and their (k,) strengths into M; the
+# third argument maps stream-space directions to what a post-norm writer must lose (g * r).
+_Combiner = Callable[
+    [torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], ResidualProjection
+]
+
+
+def _combine_merged(
+    unit: torch.Tensor,
+    strengths: torch.Tensor,
+    through_gain: Callable[[torch.Tensor], torch.Tensor],
+) -> ResidualProjection:
+    """m = normalize(sum_i r_i), M = I - a m m^T."""
+    total = unit.sum(dim=0)
+    if total.norm() < _MIN_DIRECTION_NORM * unit.shape[0]:
+        raise AblationError("the unit directions sum to zero; merged direction undefined")
+    merged = through_gain(_normalize_directions(total[None, :]))[0]  # (d_model,)
+    strength = _shared_strength(strengths)
+    return ResidualProjection(left=strength * merged[:, None], right=merged[:, None])
+
+
+def _combine_sum(
+    unit: torch.Tensor,
+    strengths: torch.Tensor,
+    through_gain: Callable[[torch.Tensor], torch.Tensor],
+) -> ResidualProjection:
+    """M = I - sum_i a_i r_i r_i^T."""
     mapped = through_gain(unit)  # (k, d_model)
-    if cfg.combine == "sum":
-        return ResidualProjection(left=(strengths[:, None] * mapped).T, right=mapped.T)
-    if cfg.combine == "sequential":
-        # P_i M = (I - a r r^T)(I - U V^T) = I - [U, a r] [V, M^T r]^T
-        left_columns: list[torch.Tensor] = []
-        right_columns: list[torch.Tensor] = []
-        for strength, direction in zip(strengths, mapped, strict=True):
-            if left_columns:
-                left, right = torch.stack(left_columns, 1), torch.stack(right_columns, 1)
-                transposed_image = direction - right @ (left.T @ direction)  # M^T r
-            else:
-                transposed_image = direction
-            left_columns.append(strength * direction)
-            right_columns.append(transposed_image)
-        return ResidualProjection(
-            left=torch.stack(left_columns, 1), right=torch.stack(right_columns, 1)
-        )
-    # subspace: orthonormal basis of the span from the SVD, rank by numpy's matrix_rank tolerance
+    return ResidualProjection(left=(strengths[:, None] * mapped).T, right=mapped.T)
+
+
+def _combine_sequential(
+    unit: torch.Tensor,
+    strengths: torch.Tensor,
+    through_gain: Callable[[torch.Tensor], torch.Tensor],
+) -> ResidualProjection:
+    """M = P_k ... P_1, P_i = I - a_i r_i r_i^T."""
+    # P_i M = (I - a r r^T)(I - U V^T) = I - [U, a r] [V, M^T r]^T
+    left_columns: list[torch.Tensor] = []
+    right_columns: list[torch.Tensor] = []
+    for strength, direction in zip(strengths, through_gain(unit), strict=True):
+        if left_columns:
+            left, right = torch.stack(left_columns, 1), torch.stack(right_columns, 1)
+            transposed_image = direction - right @ (left.T @ direction)  # M^T r
+        else:
+            transposed_image = direction
+        left_columns.append(strength * direction)
+        right_columns.append(transposed_image)
+    return ResidualProjection(
+        left=torch.stack(left_columns, 1), right=torch.stack(right_columns, 1)
+    )
+
+
+def _combine_subspace(
+    unit: torch.Tensor,
+    strengths: torch.Tensor,
+    through_gain: Callable[[torch.Tensor], torch.Tensor],
+) -> ResidualProjection:
+    """Q an orthonormal basis of span(r_1..r_k), M = I - a Q Q^T."""
+    mapped = through_gain(unit)  # (k, d_model)
+    # rank by numpy's matrix_rank tolerance
     _, singular_values, right_vectors = torch.linalg.svd(mapped, full_matrices=False)
     tolerance = singular_values[0] * max(mapped.shape) * torch.finfo(_BUILD_DTYPE).eps
     rank = int((singular_values > tolerance).sum())
     basis = right_vectors[:rank].T  # (d_model, rank)
     return ResidualProjection(left=_shared_strength(strengths) * basis, right=basis)
+
+
+# Every resolved ablation.combine (auto is resolved by effective_combine before an edit is built).
+_COMBINERS: dict[str, _Combiner] = {
+    Combine.merged: _combine_merged,
+    Combine.sum: _combine_sum,
+    Combine.sequential: _combine_sequential,
+    Combine.subspace: _combine_subspace,
+}
 
 
 def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> Combine:
@@ -196,7 +243,7 @@ def effective_combine(ablation_cfg: AblationConfig, orthogonalize: str) -> Combi
         orthogonalize: ``extraction.orthogonalize`` (``none`` or ``svd``).
 
     Returns:
-        One of ``merged``, ``sum``, ``sequential``, ``subspace``.
+        A resolved ``Combine`` (never ``auto``).
 
     Raises:
         AblationError: an unknown ``combine``, or ``auto`` with an unknown ``orthogonalize``.

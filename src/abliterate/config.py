@@ -265,8 +265,8 @@ class ExtractionConfig:
 class AblationConfig:
     weight: float = 1.0  # w in W <- W - w r (r^T W); 1 projects out exactly, >1 over-projects
     scope: Scope = Scope.all  # all (every layer's writers) | layer (only the tested layer's)
-    # auto (merged; subspace after extraction.orthogonalize=svd: merging k orthonormal axes
-    # removes only 1/k of each) | merged | sum | sequential | subspace
+    # how k directions become one edit, a Combine; auto: merged, or subspace after
+    # extraction.orthogonalize=svd (merging k orthonormal axes removes only 1/k of each)
     combine: Combine = Combine.auto
     direction_norm: DirectionNorm = DirectionNorm.unit  # unit | relative (|d| / mean act. norm)
     norm_preserving: bool = False  # rescale each written vector back to its original norm
