@@ -11,6 +11,12 @@ Compared: every block of results.json except ``timing_s``, ``provenance`` and ``
 differ run to run by design), the completions, and the stored direction tensors (bit for bit).
 A value that changed or a key that disappeared is a difference; a key the new code adds is
 listed but is not one.
+
+    python benchmarks/same_numbers.py --sweeps OLD_SWEEP NEW_SWEEP
+
+compares two finished sweeps the same way, trial by trial (trials matched by their directory
+names): for example the demo sweep run by the old and by the new code, each with
+``judge=markers`` and its own empty cache.
 """
 
 from __future__ import annotations
@@ -78,7 +84,6 @@ def _compose(model_dir: Path, work: Path, overrides: tuple[str, ...], index: int
 def _snapshot(work: Path) -> dict[str, Any]:
     import torch
     from conftest import build_char_tokenizer
-    from safetensors.torch import load_file
     from tiny_models import build_tiny_model
 
     from abliterate.pipeline import Session, run_trial
@@ -99,17 +104,32 @@ def _snapshot(work: Path) -> dict[str, Any]:
     snapshot: dict[str, Any] = {}
     for index, overrides in enumerate(TRIALS):
         cfg = _compose(model_dir, work, overrides, index)
-        results = run_trial(cfg, session=session)
-        out = Path(cfg.paths.output_dir)
-        record = {k: v for k, v in results.items() if k not in VOLATILE}
-        record["config"] = {k: v for k, v in record["config"].items() if k != "paths"}
-        record["completions"] = [
-            json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()
-        ]
-        tensors = load_file(str(out / "directions.safetensors"))
-        record["direction_tensors"] = {k: v.double().flatten().tolist() for k, v in tensors.items()}
-        snapshot[" ".join(overrides)] = record
+        run_trial(cfg, session=session)
+        snapshot[" ".join(overrides)] = _trial_record(Path(cfg.paths.output_dir))
     return snapshot
+
+
+def _trial_record(trial_dir: Path) -> dict[str, Any]:
+    """One finished trial's numbers as ``_snapshot`` records them."""
+    from safetensors.torch import load_file
+
+    results = json.loads((trial_dir / "results.json").read_text())
+    record = {k: v for k, v in results.items() if k not in VOLATILE}
+    record["config"] = {k: v for k, v in record["config"].items() if k != "paths"}
+    record["completions"] = [
+        json.loads(line) for line in (trial_dir / "completions.jsonl").read_text().splitlines()
+    ]
+    tensors = load_file(str(trial_dir / "directions.safetensors"))
+    record["direction_tensors"] = {k: v.double().flatten().tolist() for k, v in tensors.items()}
+    # NaN compares equal on both sides only after the JSON round trip
+    return json.loads(json.dumps(record))
+
+
+def _sweep_records(sweep_dir: Path) -> dict[str, Any]:
+    trials = sorted(path.parent for path in sweep_dir.glob("*/results.json"))
+    if not trials:
+        raise SystemExit(f"error: no trial (*/results.json) under {sweep_dir}")
+    return {trial.name: _trial_record(trial) for trial in trials}
 
 
 def _differences(before: Any, after: Any, path: str = "") -> list[str]:
@@ -136,7 +156,11 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", type=Path, help="write the snapshot here")
     group.add_argument("--check", type=Path, help="compare with this snapshot")
+    group.add_argument("--sweeps", type=Path, nargs=2, metavar=("OLD", "NEW"),
+                       help="compare two finished sweeps' trials instead")  # fmt: skip
     args = parser.parse_args()
+    if args.sweeps:
+        return _report(_sweep_records(args.sweeps[0]), _sweep_records(args.sweeps[1]))
     with tempfile.TemporaryDirectory() as tmp:
         # the snapshot round-trips through JSON so both sides compare as JSON values (NaN included)
         # (and with the temporary directory's name taken out of paths)
@@ -145,7 +169,10 @@ def main() -> int:
         args.write.write_text(json.dumps(snapshot, indent=1))
         print(f"wrote {len(snapshot)} trials to {args.write}")
         return 0
-    before = json.loads(args.check.read_text())
+    return _report(json.loads(args.check.read_text()), snapshot)
+
+
+def _report(before: dict[str, Any], snapshot: dict[str, Any]) -> int:
     differences = [
         f"{name}: {line}"
         for name in sorted(set(before) | set(snapshot))
