@@ -19,6 +19,7 @@ from abliterate.ablation import (
     apply_ablation,
     apply_weight_ablation,
     build_residual_projection,
+    removed_fraction,
     select_writers,
 )
 from abliterate.architectures import get_decoder_layers, resolve_residual_writers
@@ -332,6 +333,53 @@ def test_projection_matrices_match_their_definitions():
     torch.testing.assert_close(
         matrix("subspace", **relative).matrix(), identity - w * s2.mean() * q @ q.T
     )
+
+
+def test_principal_is_the_rank_one_edit_that_removes_the_most():
+    directions = random_directions(5, seed=11)
+    r = unit(directions.double())
+    w = 0.7
+    principal = AblationConfig(weight=w, combine="principal")
+    _, singular_values, right_vectors = torch.linalg.svd(r, full_matrices=False)
+    p = right_vectors[0] * torch.sign(right_vectors[0] @ r.sum(0))  # signed with sum_i r_i
+    projection = build_residual_projection(directions, principal)
+    torch.testing.assert_close(projection.right[:, 0], p)
+    identity = torch.eye(D_MODEL, dtype=torch.float64)
+    torch.testing.assert_close(projection.matrix(), identity - w * torch.outer(p, p))
+    # the shares removed sum to w sigma_1^2, more than merged's rank-1 edit removes
+    fractions = removed_fraction(directions, principal)
+    assert sum(fractions) == pytest.approx(w * singular_values[0].item() ** 2, rel=1e-12)
+    merged = removed_fraction(directions, AblationConfig(weight=w, combine="merged"))
+    assert sum(fractions) > sum(merged)
+
+
+def test_principal_equals_merged_for_parallel_and_survives_opposite_directions():
+    direction = random_directions(1, seed=12)
+    parallel = torch.cat([direction, 2 * direction])
+    torch.testing.assert_close(
+        build_residual_projection(parallel, AblationConfig(combine="principal")).matrix(),
+        build_residual_projection(parallel, AblationConfig(combine="merged")).matrix(),
+    )
+    opposite = torch.cat([direction, -direction])
+    with pytest.raises(AblationError, match="sum to zero"):
+        build_residual_projection(opposite, AblationConfig(combine="merged"))
+    cfg = AblationConfig(weight=0.6, combine="principal")
+    assert removed_fraction(opposite, cfg) == pytest.approx([0.6, 0.6], abs=1e-12)
+
+
+def test_principal_follows_the_aligned_directions_more_than_merged():
+    # three directions near e_0 and one orthogonal to them (an off-axis category)
+    directions = torch.zeros(4, D_MODEL, dtype=torch.float64)
+    directions[:3, 0] = 1.0
+    directions[:3, 2:5] = 0.1 * torch.eye(3, dtype=torch.float64)
+    directions[3, 1] = 1.0
+    merged = build_residual_projection(directions, AblationConfig(combine="merged")).right[:, 0]
+    principal = build_residual_projection(directions, AblationConfig(combine="principal"))
+    # m weighs the off-axis direction like the others (m_1 = 1 / |sum_i r_i|); p, the top
+    # eigenvector of sum_i r_i r_i^T, is not pulled by a direction orthogonal to it at all
+    assert merged[1].item() == pytest.approx((9.03 / 1.01 + 1) ** -0.5, rel=1e-9)
+    assert principal.right[1, 0].item() == pytest.approx(0.0, abs=1e-12)
+    assert principal.right[0, 0].item() > 0.99
 
 
 def test_post_norm_gain_makes_the_normalized_output_orthogonal():

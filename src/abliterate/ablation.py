@@ -18,24 +18,33 @@ directions, see below):
 - ``sum``: M = I - sum_i a_i r_i r_i^T (every rank-1 delta computed from the original W; with k
   nearly parallel directions the shared component is removed about k times over);
 - ``sequential``: M = P_k ... P_1 with P_i = I - a_i r_i r_i^T (project one after another);
-- ``subspace``: Q an orthonormal basis of span(r_1..r_k), M = I - a Q Q^T.
+- ``subspace``: Q an orthonormal basis of span(r_1..r_k), M = I - a Q Q^T;
+- ``principal``: p the first principal axis of the unit directions (the leading right singular
+  vector of the (k, d_model) matrix of the r_i, not centred: centring would subtract the shared
+  refusal component it is meant to find), M = I - a p p^T. Of all rank-1 edits it removes the
+  most in total: sum_i (r_i . p)^2 = sigma_1^2, the maximum of sum_i (r_i . x)^2 over unit x,
+  where ``merged`` maximises the linear sum_i r_i . x. As sigma_1^2 p = sum_i (r_i . p) r_i,
+  each direction pulls p in proportion to its alignment with it (m weighs them all equally), so
+  a category that points away from the rest bends p less than it bends m. Parallel directions give merged's axis; opposite ones (r, -r), whose merged direction is
+  undefined, lose w each; for orthonormal directions sigma_1 is tied and p is arbitrary (use
+  ``subspace``). p is signed to agree with sum_i r_i (M does not depend on the sign).
 
 ``direction_norm=relative``: the caller passes scales s_i = |d_i| / (mean activation norm at the
 layer) and direction i is used as s_i r_i, so its projection strength is a_i = w s_i^2. The
-relative mode changes strengths only, never directions. ``merged`` and ``subspace`` have a single
-strength a = w mean_i(s_i^2): with equal scales s every mode then acts like the unit mode at
+relative mode changes strengths only, never directions. ``merged``, ``principal`` and
+``subspace`` have a single strength a = w mean_i(s_i^2): with equal scales s every mode then acts like the unit mode at
 weight w s^2, and for orthonormal directions ``subspace`` removes the same total (trace of U V^T)
 as ``sum``.
 
 Post-writer norms (Gemma 3 applies an RMSNorm with gain g to each writer output before the residual
 add): RMSNorm(x) = g * x / rms(x), so RMSNorm(x) . r = x . (g * r) / rms(x). Removing r from x does
 not remove it from the stream; removing r' = normalize(g * r) does, exactly, whatever rms(x) is.
-Each direction is mapped to r' before the combination (``merged`` maps the merged direction;
+Each direction is mapped to r' before the combination (``merged`` and ``principal`` map their axis;
 ``subspace`` spans the mapped directions), so the writer output loses the fraction w of its
 component along r' and, at w = 1, the stream gets no component along r. ``sum`` and
 ``sequential`` remove a span exactly only for orthonormal directions, and the mapped directions
-g * r_i are generally not orthogonal even when the r_i are: on post-norm writers only ``merged``
-and ``subspace`` make the stream exactly orthogonal at w = 1.
+g * r_i are generally not orthogonal even when the r_i are: on post-norm writers only ``merged``,
+``principal`` and ``subspace`` make the stream exactly orthogonal (to their axes) at w = 1.
 
 ``combine=auto`` (the config default) is resolved by ``effective_combine`` before anything is
 built: ``merged`` for directions as extracted, ``subspace`` after ``extraction.orthogonalize=svd``.
@@ -216,12 +225,28 @@ def _combine_subspace(
     return ResidualProjection(left=_shared_strength(strengths) * basis, right=basis)
 
 
+def _combine_principal(
+    unit: torch.Tensor,
+    strengths: torch.Tensor,
+    through_gain: Callable[[torch.Tensor], torch.Tensor],
+) -> ResidualProjection:
+    """p the leading right singular vector of the (k, d_model) unit directions, M = I - a p p^T."""
+    _, _, right_vectors = torch.linalg.svd(unit, full_matrices=False)
+    axis = right_vectors[0]  # (d_model,) unit
+    if axis @ unit.sum(dim=0) < 0:
+        axis = -axis  # M is the same either way; the sign makes the factors reproducible
+    principal = through_gain(axis[None, :])[0]  # (d_model,)
+    strength = _shared_strength(strengths)
+    return ResidualProjection(left=strength * principal[:, None], right=principal[:, None])
+
+
 # Every resolved ablation.combine (auto is resolved by effective_combine before an edit is built).
 _COMBINERS: dict[str, _Combiner] = {
     Combine.merged: _combine_merged,
     Combine.sum: _combine_sum,
     Combine.sequential: _combine_sequential,
     Combine.subspace: _combine_subspace,
+    Combine.principal: _combine_principal,
 }
 
 
@@ -284,6 +309,8 @@ def removed_fraction(
       1 - (1 - w)^k; at w = 1 every listed direction loses exactly 1 (P_i kills r_i and every
       P_j is symmetric, so r_i^T P_k..P_1 r_i = (P_{i+1}^T..P_k^T r_i) . (P_i..P_1 r_i) = 0).
     - ``subspace``: w for every direction (each lies in the span that is projected out).
+    - ``principal`` (p the first principal axis): w (r_i . p)^2, summing to w sigma_1^2, the
+      largest total of any rank-1 edit.
 
     With ``direction_norm=relative`` the strengths are w s_j^2 (``merged``/``subspace``:
     w mean_j s_j^2) instead of w. The directions' own norms do not matter (they are normalised,

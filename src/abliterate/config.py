@@ -106,6 +106,7 @@ class Combine(Choice):
     sum = "sum"
     sequential = "sequential"
     subspace = "subspace"
+    principal = "principal"  # the first principal axis of the directions, one rank-1 edit
     auto = "auto"  # merged, or subspace after extraction.orthogonalize=svd
 
 
