@@ -47,9 +47,10 @@ bench: model ## Benchmark vs bare transformers and Heretic (~15 min, quiet machi
 	# writes benchmarks/latest.json (--quick: latest-embedded-quick.json); never run by the tests
 	$(PY) benchmarks/bench.py $(ARGS)
 
-lint: install ## ruff lint + format check
+lint: install ## ruff lint + format check + the import layers (pyproject's [tool.importlinter])
 	$(VENV)/bin/ruff check src tests benchmarks run.py
 	$(VENV)/bin/ruff format --check src tests benchmarks run.py
+	$(VENV)/bin/lint-imports
 
 format: install ## ruff format + import sorting
 	$(VENV)/bin/ruff check --fix src tests benchmarks run.py
