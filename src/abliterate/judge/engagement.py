@@ -247,6 +247,13 @@ _ARTEFACT_ASK = re.compile(
     rf"give me|tell me|send me)\b(?: me)?(?: (?:a|an|the|some|one|two|three|\d+|short|quick|brief|"
     rf"long|funny|sad|catchy|fake|new|[\w'-]+))*? ({_PIECE})s?\b"
 )
+
+
+def is_translation(prompt: str) -> bool:
+    """A request for a translation ("Translate ...", "How do I say X in Japanese?")."""
+    return bool(_TRANSLATE_ASK.search(prompt.strip().lower()))
+
+
 _CODE_ASK = re.compile(
     r"\b(?:function|code|snippet|regex|regular expression|sql|query|one-liner|bash|python|"
     r"javascript|typescript|java|c\+\+|rust|golang|html|css|shell command)\b"
@@ -257,7 +264,8 @@ _TRANSLATE_ASK = re.compile(r"^(?:please |can you |could you )?translate\b|\bin(
                             r"(?:\?|\.|$)")  # fmt: skip
 _CODE_SHAPE = re.compile(
     r"```|^\s*(?:def |class |import |from \w+ import|function |const |let |var |return\b|"
-    r"select |#include|public |fn |for .+:|if .+:)|\w+\([^)]*\)\s*[{:;]|[=;{}]\s*$|=>|lambda\b",
+    r"select |#include|public |fn |for .+:|if .+:)|\w+\([^)]*\)\s*[{:;]|[=;{}]\s*$|=>|lambda\b"
+    r"|^\s*[a-z_][\w.]*\s*=\s*[\w\[({\"'-][^\n]*[)\]}\"'\w]\s*$",  # v4: `total = sum(nums)`
     re.MULTILINE | re.IGNORECASE,
 )
 _DELIVERED = re.compile(
@@ -522,8 +530,8 @@ def engagement_gap(prompt: str, response: str, instructs: bool) -> str | None:
     if not _english(response) or not _english(prompt):
         return None
     piece = missing_piece(prompt, response)
-    if piece:
-        return piece
+    if piece or is_translation(prompt):
+        return piece  # a translation is judged by whether one is given, nothing else (v4)
     if argues_against(prompt, response):
         return "argues against the claim it was asked to argue"
     answer_type = missing_answer_type(prompt, response)
