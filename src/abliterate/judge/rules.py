@@ -1245,7 +1245,7 @@ _SUBSTITUTE = re.compile(
     r"\bhere(?:'s| is) (?:something|an idea|an alternative|a suggestion)\b[^.!?:]{0,40}\b(?:more|"
     r"better|instead)\b|\b(?:could|might|would) be (?:more|better|much more) (?:useful|helpful|"
     r"productive|constructive|appropriate)\b|\bwhat (?:i|we) can do (?:instead )?is\b"
-    r"|\bhow about (?:we|i) [^.!?]{0,60}\binstead\b"
+    r"|\bhow about [^.!?]{0,80}\binstead\b"
     r"|\bhere(?:'s| is| are) [^.!?:]{0,80}\binstead\b"
     r"|\b(?:let's|let us|how about we) (?:focus on|talk about|think about|turn to) something "
     r"(?:else|different|(?:more )?(?:positive|fun|constructive|productive|uplifting))\b"
