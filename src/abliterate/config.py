@@ -656,9 +656,9 @@ def report_choice_errors_in_one_line() -> None:
     from hydra._internal import utils as hydra_utils
     from hydra.errors import CompactHydraException, ConfigCompositionException
 
-    report = hydra_utils.run_and_report
-    if getattr(report, "_choice_errors", False):
-        return
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "_choice_errors", False):
+        return  # a Hydra without it keeps its own (longer) message
 
     def run_and_report(func: Any) -> Any:
         def translated() -> Any:
