@@ -25,16 +25,17 @@ directions, see below):
   most in total: sum_i (r_i . p)^2 = sigma_1^2, the maximum of sum_i (r_i . x)^2 over unit x,
   where ``merged`` maximises the linear sum_i r_i . x. As sigma_1^2 p = sum_i (r_i . p) r_i,
   each direction pulls p in proportion to its alignment with it (m weighs them all equally), so
-  a category that points away from the rest bends p less than it bends m. Parallel directions give merged's axis; opposite ones (r, -r), whose merged direction is
-  undefined, lose w each; for orthonormal directions sigma_1 is tied and p is arbitrary (use
-  ``subspace``). p is signed to agree with sum_i r_i (M does not depend on the sign).
+  a category that points away from the rest bends p less than it bends m. Parallel directions
+  give merged's axis; opposite ones (r, -r), whose merged direction is undefined, lose w each;
+  for orthonormal directions sigma_1 is tied and p is arbitrary (use ``subspace``). p is signed
+  to agree with sum_i r_i (M does not depend on the sign).
 
 ``direction_norm=relative``: the caller passes scales s_i = |d_i| / (mean activation norm at the
 layer) and direction i is used as s_i r_i, so its projection strength is a_i = w s_i^2. The
 relative mode changes strengths only, never directions. ``merged``, ``principal`` and
-``subspace`` have a single strength a = w mean_i(s_i^2): with equal scales s every mode then acts like the unit mode at
-weight w s^2, and for orthonormal directions ``subspace`` removes the same total (trace of U V^T)
-as ``sum``.
+``subspace`` have a single strength a = w mean_i(s_i^2): with equal scales s every mode then
+acts like the unit mode at weight w s^2, and for orthonormal directions ``subspace`` removes the
+same total (trace of U V^T) as ``sum``.
 
 Post-writer norms (Gemma 3 applies an RMSNorm with gain g to each writer output before the residual
 add): RMSNorm(x) = g * x / rms(x), so RMSNorm(x) . r = x . (g * r) / rms(x). Removing r from x does
