@@ -104,16 +104,20 @@ def _snapshot(work: Path) -> dict[str, Any]:
     snapshot: dict[str, Any] = {}
     for index, overrides in enumerate(TRIALS):
         cfg = _compose(model_dir, work, overrides, index)
-        run_trial(cfg, session=session)
-        snapshot[" ".join(overrides)] = _trial_record(Path(cfg.paths.output_dir))
+        results = run_trial(cfg, session=session)
+        snapshot[" ".join(overrides)] = _trial_record(Path(cfg.paths.output_dir), results)
     return snapshot
 
 
-def _trial_record(trial_dir: Path) -> dict[str, Any]:
-    """One finished trial's numbers as ``_snapshot`` records them."""
+def _trial_record(trial_dir: Path, results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One finished trial's numbers: ``results`` as ``run_trial`` returned them (NaN kept as NaN;
+    snapshots have always been taken so), else read back from its results.json (where NaN is
+    null: compare sweeps with sweeps, snapshots with snapshots), with its completions and
+    direction tensors."""
     from safetensors.torch import load_file
 
-    results = json.loads((trial_dir / "results.json").read_text())
+    if results is None:
+        results = json.loads((trial_dir / "results.json").read_text())
     record = {k: v for k, v in results.items() if k not in VOLATILE}
     record["config"] = {k: v for k, v in record["config"].items() if k != "paths"}
     record["completions"] = [
