@@ -164,6 +164,11 @@ def synthetic_sweep(tmp_path):
     return sweep
 
 
+def cells_of(results: list[dict]):
+    """The report's cell table (one row per setting, layer and weight) of collected results."""
+    return report.cell_table(report.trials_frame(results, report.Settings(results)))
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -172,7 +177,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_table1_lists_zero_refusal_layers_with_minimum_weight(synthetic_sweep):
     results, incomplete = report.collect_results(synthetic_sweep)
     assert len(results) == 3 * len(LAYERS) * len(WEIGHTS) and len(incomplete) == 3
-    rows = report.zero_refusal_rows(results, report.Settings(results))
+    rows = report.zero_refusal_rows(cells_of(results))
     unmatched = [r for r in rows if r["setting"] == "unmatched"]
     assert [(r["layer"], r["weight"]) for r in unmatched] == [(9, 0.5), (11, 0.8)]
     assert unmatched[0]["kl_divergence"] == pytest.approx(0.01 * 0.25 * 1.9)
@@ -243,8 +248,8 @@ def test_duplicate_cells_are_averaged_and_settings_named_by_what_varies(tmp_path
     settings = report.Settings(collected)
     assert sorted(settings.label(k) for k in settings.keys) == [
         "unmatched scope=all", "unmatched scope=layer"]  # fmt: skip
-    all_scope = [r for r in collected if r["trial"]["scope"] == "all"]
-    assert report.refusal_grid(all_scope)[2][(9, 1.0)] == 2.5
+    cells = cells_of(collected)
+    assert report.refusal_grid(cells[cells["setting"] == "unmatched scope=all"]).loc[9, 1.0] == 2.5
     markdown, written, incomplete = report.write_report(sweep)
     assert not incomplete and "| 9     | 2.5 |" in markdown
 
@@ -622,10 +627,10 @@ def test_mixed_config_cell_is_flagged_and_not_averaged(tmp_path):
         write_trial(sweep, f"tokens{tokens}", results)
     write_trial(sweep, "other_cell", fake_results_v2("unmatched", 10, 1.0, outcomes(3, 0, 7, 0)))
     collected, _ = report.collect_results(sweep)
-    cells = report.build_cells(collected)
-    (mixed,) = [c for c in cells.values() if c.mixed]
-    assert mixed.differences == ["config.eval.max_new_tokens"]
-    assert mixed.value("eval", "refusals") is None and mixed.count("REFUSE") is None
+    cells = cells_of(collected)
+    (mixed,) = cells[cells["mixed"]].to_dict("records")
+    assert mixed["differences"] == ("config.eval.max_new_tokens",) and mixed["n_seeds"] == 2
+    assert math.isnan(mixed["REFUSE"]) and math.isnan(mixed["kl_divergence"])  # not averaged
     markdown, _, _ = report.write_report(sweep)
     assert "mixed configs in cell unmatched layer 9 w=1: 2 trials differ in " \
            "config.eval.max_new_tokens; not averaged (tokens64, tokens128)" in markdown  # fmt: skip
@@ -659,7 +664,7 @@ def test_mixed_judges_are_flagged_and_kept_apart(tmp_path):
     settings = report.Settings(collected)
     assert sorted(settings.label(k) for k in settings.keys) == [
         "unmatched judge=markers (schema 1)", "unmatched judge=rules"]  # fmt: skip
-    assert not any(c.mixed for c in report.build_cells(collected).values())
+    assert not cells_of(collected)["mixed"].any()
     rows = read_csv(sweep / "report" / "table1_zero_refusal.csv")
     assert {(r["judge"], r["status"]) for r in rows} == {
         ("rules", "reached"), ("markers (schema 1)", "not_reached")}  # fmt: skip
@@ -850,8 +855,8 @@ def test_table1_and_pairs_separate_the_combination(tmp_path):
     old["trial"]["orthogonalize"] = "none"
     assert report.combine_name(old) == "merged"
     collected, _ = report.collect_results(svd)
-    (cell,) = report.build_cells(collected).values()
-    assert not cell.mixed and len(cell.trials) == 2
+    (cell,) = cells_of(collected).to_dict("records")
+    assert not cell["mixed"] and cell["n_seeds"] == 2
 
 
 # --- study views, per-category columns, the terminal, and the report as a W&B run --------------
@@ -947,7 +952,7 @@ def test_study_frames_average_replicates_and_find_the_pareto_front(category_swee
         (9, 1.0),
         (10, 1.0),
     ]
-    by_category = report.category_frame(results, settings, trials)
+    by_category = report.category_frame(trials)
     assert len(by_category) == 8 * 3
     row = by_category[(by_category["setting"] == "unmatched") & (by_category["layer"] == 10)
                       & (by_category["weight"] == 1.0)]  # fmt: skip
@@ -1011,3 +1016,27 @@ def test_report_run_holds_the_table_and_figures(category_sweep, clean_wandb_env,
     (again,) = sorted((category_sweep / "wandb").glob("offline-run-*"))
     assert inspect_summary(again)["run_id"] == summary["run_id"]
     assert not list(clean_wandb_env.rglob("*wandb*"))
+
+
+def test_cell_table_averages_replicates_as_the_tables_show_them(tmp_path):
+    """Three seeds of one cell: counts and rates are the seeds' means, the interval runs from the
+    lowest to the highest seed's Wilson bound, and one seed without a count leaves no count."""
+    sweep = tmp_path / "sweep"
+    for seed, refuse in ((0, 1), (1, 2), (2, 4)):
+        results = fake_results_v2("unmatched", 9, 1.0, outcomes(refuse, 0, 10 - refuse, 0),
+                                  seed=seed)  # fmt: skip
+        results["eval"]["kl_divergence"] = [0.1, 0.2, 0.3][seed]
+        write_trial(sweep, f"seed{seed}", results)
+    collected, _ = report.collect_results(sweep)
+    (cell,) = cells_of(collected).to_dict("records")
+    assert cell["n_seeds"] == 3 and not cell["mixed"]
+    assert cell["REFUSE"] == pytest.approx(7 / 3) and cell["COMPLY"] == pytest.approx(23 / 3)
+    assert cell["refusal_rate"] == pytest.approx(0.7 / 3)
+    assert cell["kl_divergence"] == (0.1 + 0.2 + 0.3) / 3  # summed left to right, as before
+    assert cell["refusal_rate_ci_low"] == pytest.approx(wilson_interval(1, 10)[0])
+    assert cell["refusal_rate_ci_high"] == pytest.approx(wilson_interval(4, 10)[1])
+    collected[1]["eval"]["outcomes"]["REFUSE"] = None
+    collected[1]["eval"]["refusals"] = None
+    collected[1]["eval"]["refusal_rate"] = None
+    (cell,) = cells_of(collected).to_dict("records")
+    assert math.isnan(cell["REFUSE"]) and math.isnan(cell["refusal_rate"])

@@ -108,9 +108,6 @@ SETTING_KEYS = (
 )
 SETTING_NAMES = ("model", *SETTING_KEYS)
 BASELINE_INDEX = SETTING_NAMES.index("baseline")
-ORTHOGONALIZE_INDEX = SETTING_NAMES.index("orthogonalize")
-COMBINE_INDEX = SETTING_NAMES.index("combine")
-JUDGE_INDEX = SETTING_NAMES.index("judge")
 
 OUTCOMES = ("REFUSE", "EVASIVE", "COMPLY", "INCOHERENT")
 OUTCOME_RATES = {"REFUSE": "refusal_rate", "EVASIVE": "evasive_rate", "COMPLY": "comply_rate",
@@ -122,7 +119,6 @@ CONFIG_IGNORED = ("seed", "paths", "logger", "force", "objectives")
 
 Results = dict[str, Any]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-_MISSING = object()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -221,6 +217,9 @@ def _finite(value: Any) -> bool:
 
 
 def _mean(values: Iterable[Any]) -> float | None:
+    """The mean of the finite values, summed left to right (None without any). The cell tables
+    aggregate with it rather than pandas' mean, whose compensated sum can differ in the last
+    digit, and the tables' CSVs print every digit."""
     finite = [float(v) for v in values if _finite(v)]
     return sum(finite) / len(finite) if finite else None
 
@@ -401,13 +400,6 @@ class Settings:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.label(key).replace("+SVD", "svd")).strip("_")
 
 
-def _group(results: Iterable[Results], key: Callable[[Results], Any]) -> dict[Any, list[Results]]:
-    groups: dict[Any, list[Results]] = defaultdict(list)
-    for r in results:
-        groups[key(r)].append(r)
-    return groups
-
-
 # --- cells: replicates and mixed configs ---------------------------------------------------------
 
 
@@ -455,87 +447,142 @@ def config_differences(trials: Sequence[Results]) -> list[str]:
     ]
 
 
-def _cell_key(results: Results) -> tuple[int, float]:
-    return (results["trial"]["layer"], results["trial"]["weight"])
+# --- the trials frame: one row per complete trial, read by every section -----------------------
+
+# A cell is one setting at one layer and weight; settings are numbered in ``Settings.keys`` order,
+# so sorting by CELL orders a table by setting, layer and weight.
+CELL = ["setting_index", "layer", "weight"]
+GEOMETRY_VALUES = (
+    "norm_ratio_matched_to_unmatched",
+    "cos_matched_unmatched",
+    "cos_topic_unmatched",
+)
+# per-trial numbers (float, NaN where absent): block, key and the frame's column
+TRIAL_VALUES = (
+    ("eval", "n_harmful"), ("eval", "kl_divergence"), ("eval", "efficiency"),
+    ("eval", "harmless_refusal_rate"), ("eval", "matched_harmless_refusal_rate"),
+    ("geometry", "capture"), ("geometry", "perturbation_ratio"),
+    *(("geometry", name) for name in GEOMETRY_VALUES),
+)  # fmt: skip
 
 
-@dataclass
-class Cell:
-    """The trials of one setting at one layer and weight.
+def _outcome_rate(results: Results, block: str, outcome: str) -> float | None:
+    """An outcome's rate on the harmful set: as recorded, else its count out of n."""
+    rate = rate_value(results, block, OUTCOME_RATES[outcome])
+    if rate is not None:
+        return rate
+    count = _dig(results, block, "outcomes", outcome)
+    n = _first(results, ((block, "n_harmful"), ("eval", "n_harmful")))
+    return count / n if _finite(count) and n else None
 
-    Trials that differ only in their seed are replicates, and the cell's values are their means;
-    trials whose configs differ otherwise make the cell *mixed*: it has no value (None), and the
-    report flags it instead of averaging.
+
+def _unedited_share(results: Results, outcome: str) -> float | None:
+    """The unedited model's rate of an outcome as the outcome-rate figure draws it: REFUSE from
+    ``baseline_eval.refusal_rate``, the others from its outcome counts."""
+    if outcome == "REFUSE":
+        return _get(results, "baseline_eval", "refusal_rate")
+    count = _dig(results, "baseline_eval", "outcomes", outcome)
+    n = _first(results, (("baseline_eval", "n_harmful"), ("eval", "n_harmful")))
+    return count / n if _finite(count) and n else None
+
+
+def _trial_row(results: Results, settings: Settings) -> dict[str, Any]:
+    """A trial's row of the trials frame (``trials_frame``)."""
+    key = setting_key(results)
+    trial = results["trial"]
+    row: dict[str, Any] = {
+        **dict(zip(SETTING_NAMES, key, strict=True)),
+        "setting": settings.label(key), "setting_index": settings.keys.index(key), "key": key,
+        "layer": trial["layer"], "weight": trial["weight"], "seed": trial.get("seed"),
+        "results": results, "dir": results["_dir"],
+        "trial_dir": results.get("_trial_dir", results["_dir"]),
+        "n_harmful_recorded": _get(results, "eval", "n_harmful"),
+        "refusals_recorded": _get(results, "eval", "refusals"),
+        "unedited_refusals": outcome_counts_unedited(results),
+        "original_judge": str(_dig(results, "relabel", "original_judge") or "n/a (not recorded)"),
+    }  # fmt: skip
+    for block, name in TRIAL_VALUES:
+        row[name] = _get(results, block, name)
+    row.update(outcome_counts(results))
+    for outcome, rate in OUTCOME_RATES.items():
+        row[rate] = _outcome_rate(results, "eval", outcome)
+        row[f"{rate}_recorded"] = rate_value(results, "eval", rate)
+        row[f"{rate}_ci_low"], row[f"{rate}_ci_high"] = rate_interval(results, "eval", rate) or (
+            None, None)  # fmt: skip
+        row[f"unedited_{rate}"] = _outcome_rate(results, "baseline_eval", outcome)
+        row[f"unedited_share_{outcome}"] = _unedited_share(results, outcome)
+    for name in ("harmless_refusal_rate", "matched_harmless_refusal_rate"):
+        row[f"unedited_{name}"] = _get(results, "baseline_eval", name)
+    return row
+
+
+def trials_frame(results: list[Results], settings: Settings) -> pd.DataFrame:
+    """One row per complete trial, in ``collect_results`` order, built once for every section.
+
+    Identity columns keep the recorded values (object dtype: a layer stays an int, a weight
+    as written): the setting's fields (``SETTING_NAMES``), its ``setting`` label, its
+    ``setting_index`` in ``settings.keys`` and its ``key``, ``layer``, ``weight``, ``seed``, the
+    ``results`` dict and its ``dir``. Cell columns: ``differences`` (the config keys in which the
+    cell's trials differ beyond the seed) and ``mixed``. Numbers are floats, NaN where absent:
+    the outcome counts (``REFUSE``, ...), the rates (as recorded, else count / n), the rates as
+    recorded (``<rate>_recorded``), their Wilson 95% bounds (``<rate>_ci_low``/``_ci_high``),
+    ``TRIAL_VALUES`` and the unedited model's rates (``unedited_<rate>``).
     """
-
-    setting: tuple[str, ...]
-    layer: int
-    weight: float
-    trials: list[Results]
-    differences: list[str] = field(default_factory=list)
-
-    @property
-    def mixed(self) -> bool:
-        return bool(self.differences)
-
-    @property
-    def seeds(self) -> list[Any]:
-        return sorted({r["trial"].get("seed") for r in self.trials}, key=str)
-
-    def values(self, block: str, key: str) -> list[float]:
-        return [float(v) for r in self.trials if _finite(v := _get(r, block, key))]
-
-    def value(self, block: str, key: str) -> float | None:
-        """The mean over the replicates; None for a mixed cell."""
-        return None if self.mixed else _mean(_get(r, block, key) for r in self.trials)
-
-    def count(self, outcome: str) -> float | None:
-        """The mean count of an outcome over the replicates (None if any trial lacks it)."""
-        counts = [c for r in self.trials if (c := outcome_counts(r)[outcome]) is not None]
-        if self.mixed or len(counts) < len(self.trials):
-            return None
-        return sum(counts) / len(counts)
-
-    def n_harmful(self) -> float | None:
-        return self.value("eval", "n_harmful")
-
-    def rate(self, outcome: str) -> float | None:
-        key = OUTCOME_RATES[outcome]
-        if self.mixed:
-            return None
-        rates = [rate_value(r, "eval", key) for r in self.trials]
-        if all(v is not None for v in rates):
-            return _mean(rates)
-        count, n = self.count(outcome), self.n_harmful()
-        return count / n if count is not None and n else None
-
-    def interval(self, block: str, key: str) -> tuple[float, float] | None:
-        """One trial: its Wilson 95% interval. Replicates: from the lowest to the highest bound of
-        their intervals (seed-to-seed spread included). Mixed: None."""
-        if self.mixed:
-            return None
-        intervals = [i for r in self.trials if (i := rate_interval(r, block, key)) is not None]
-        if len(intervals) < len(self.trials):
-            return None
-        return min(i[0] for i in intervals), max(i[1] for i in intervals)
-
-    def all_zero_refusals(self) -> bool:
-        counts = [outcome_counts(r)["REFUSE"] for r in self.trials]
-        return not self.mixed and all(c == 0 for c in counts)
-
-
-def build_cells(results: Iterable[Results]) -> dict[tuple, Cell]:
-    """{(setting, layer, weight): Cell}."""
-    groups = _group(results, lambda r: (setting_key(r), *_cell_key(r)))
-    return {
-        key: Cell(key[0], key[1], key[2], trials, config_differences(trials))
-        for key, trials in groups.items()
+    frame = pd.DataFrame([_trial_row(r, settings) for r in results], dtype=object)
+    if frame.empty:
+        return frame
+    identity = {*SETTING_NAMES, "setting", "setting_index", "key", "layer", "weight", "seed",
+                "results", "dir", "trial_dir", "n_harmful_recorded", "refusals_recorded",
+                "original_judge"}  # fmt: skip
+    numeric = [c for c in frame.columns if c not in identity]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float)
+    differences = {
+        cell: tuple(config_differences(list(trials)))
+        for cell, trials in frame.groupby(CELL, sort=False)["results"]
     }
+    frame["differences"] = [differences[c] for c in zip(*(frame[k] for k in CELL), strict=True)]
+    frame["mixed"] = frame["differences"].map(bool)
+    return frame
 
 
-def _cells_of(trials: list[Results]) -> dict[tuple[int, float], Cell]:
-    """{(layer, weight): Cell} of one setting's trials."""
-    return {(key[1], key[2]): cell for key, cell in build_cells(trials).items()}
+def _mean_of_all(values: pd.Series) -> float | None:
+    """The mean when every replicate has the value, else None."""
+    return None if values.isna().any() else _mean(values)
+
+
+def cell_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell, in setting, layer, weight order. A cell's trials differing only in their
+    seed are replicates: its values are their means (left-to-right sums, as ``_mean``), a count
+    only when every replicate has it, a rate the mean of the recorded rates (else mean count /
+    mean n), and its interval from the lowest to the highest bound of theirs. A *mixed* cell
+    (configs differing beyond the seed) keeps its identity and NaN values: never averaged."""
+    grouped = trials.groupby(CELL, sort=True)
+    cells = grouped[["setting", "key", *SETTING_NAMES, "differences", "mixed"]].first()
+    cells["n_seeds"] = grouped.size()
+    for name in ("n_harmful", "kl_divergence", "efficiency", "harmless_refusal_rate"):
+        cells[name] = grouped[name].agg(_mean).astype(float)
+    n = cells["n_harmful"]
+    for outcome, rate in OUTCOME_RATES.items():
+        cells[outcome] = grouped[outcome].agg(_mean_of_all).astype(float)
+        recorded = grouped[f"{rate}_recorded"]
+        from_counts = (cells[outcome] / n).where(n.notna() & n.ne(0))
+        cells[rate] = recorded.agg(_mean).astype(float).where(recorded.count() == cells["n_seeds"],
+                                                             from_counts)  # fmt: skip
+        complete = grouped[f"{rate}_ci_low"].count() == cells["n_seeds"]
+        cells[f"{rate}_ci_low"] = grouped[f"{rate}_ci_low"].min().where(complete)
+        cells[f"{rate}_ci_high"] = grouped[f"{rate}_ci_high"].max().where(complete)
+    values = [c for c in cells.columns if c not in ("setting", "key", *SETTING_NAMES,
+                                                    "differences", "mixed", "n_seeds")]  # fmt: skip
+    cells.loc[cells["mixed"], values] = math.nan
+    return cells.reset_index()
+
+
+def _records(frame: pd.DataFrame, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``frame`` as dicts of ``columns``, NaN as None (written blank, shown n/a)."""
+    return [
+        {c: None if isinstance(v, float) and math.isnan(v) else v for c, v in row.items()}
+        for row in frame[list(columns)].to_dict("records")
+    ]
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -586,82 +633,46 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def zero_refusal_status(cell: Cell, min_comply: float = MIN_COMPLY) -> str | None:
-    """``reached`` (no REFUSE in any replicate and mean COMPLY rate >= ``min_comply``),
-    ``without_compliance`` (no REFUSE, too little or unknown COMPLY), or None."""
-    if not cell.all_zero_refusals():
-        return None
-    comply = cell.rate("COMPLY")
-    return (
-        "reached" if comply is not None and comply >= min_comply - 1e-12 else "without_compliance"
-    )
-
-
-def _table1_row(base: dict[str, Any], status: str, cell: Cell) -> dict[str, Any]:
-    row = {
-        **base,
-        "status": status,
-        "reached": status == "reached",
-        "layer": cell.layer,
-        "weight": cell.weight,
-        "n_seeds": len(cell.trials),
-        "n_harmful": cell.n_harmful(),
-    }
-    for outcome in OUTCOMES:
-        row[outcome.lower()] = cell.count(outcome)
-    row["refusals"] = row.pop("refuse")
-    for outcome in ("REFUSE", "COMPLY"):
-        name = OUTCOME_RATES[outcome]
-        interval = cell.interval("eval", name)
-        row[name] = cell.rate(outcome)
-        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval or (None, None)
-    row["kl_divergence"] = cell.value("eval", "kl_divergence")
-    row["efficiency"] = cell.value("eval", "efficiency")
-    row["harmless_refusal_rate"] = cell.value("eval", "harmless_refusal_rate")
-    return row
-
-
-def zero_refusal_rows(
-    results: list[Results], settings: Settings, min_comply: float = MIN_COMPLY
-) -> list[dict[str, Any]]:
-    """Table 1: per setting, every layer where some weight reaches R = 0 (no REFUSE and COMPLY
-    rate >= ``min_comply``), with the lowest such weight and its outcomes, KL and efficiency; a
-    layer whose zero refusals come without that compliance gets a ``without_compliance`` row; a
-    setting that never gets to R = 0 gets one ``not_reached`` row with its best cell (fewest
-    refusals, then most compliance, then lowest KL). Mixed cells are left out (flagged
+def zero_refusal_rows(cells: pd.DataFrame, min_comply: float = MIN_COMPLY) -> list[dict[str, Any]]:
+    """Table 1 from ``cell_table``: per setting, every layer where some weight reaches R = 0 (no
+    REFUSE in any replicate and a mean COMPLY rate >= ``min_comply``), with the lowest such
+    weight and its outcomes, KL and efficiency; a layer whose zero refusals come without that
+    compliance gets a ``without_compliance`` row; a setting that never gets to R = 0 gets one
+    ``not_reached`` row with its best cell (fewest refusals, then most compliance, then lowest
+    KL, then the first in layer and weight order). Mixed cells are left out (flagged
     elsewhere)."""
-    rows = []
-    for key, trials in _group(results, setting_key).items():
-        cells = {k: c for k, c in _cells_of(trials).items() if not c.mixed}
-        base = {
-            "setting": settings.label(key),
-            "judge": key[JUDGE_INDEX],
-            "baseline": key[BASELINE_INDEX],
-            "orthogonalize": key[ORTHOGONALIZE_INDEX],
-            "combine": key[COMBINE_INDEX],
-        }
-        by_layer: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for (layer, weight), cell in cells.items():
-            status = zero_refusal_status(cell, min_comply)
-            if status:
-                by_layer[layer][status].append(weight)
-        for layer in sorted(by_layer):
-            status = "reached" if by_layer[layer]["reached"] else "without_compliance"
-            weight = min(by_layer[layer][status])
-            rows.append(_table1_row(base, status, cells[(layer, weight)]))
-        if not by_layer and cells:
-
-            def badness(cell: Cell) -> tuple[float, float, float]:
-                refusals, comply = cell.count("REFUSE"), cell.rate("COMPLY")
-                kl = cell.value("eval", "kl_divergence")
-                return (
-                    math.inf if refusals is None else refusals,
-                    math.inf if comply is None else -comply,
-                    math.inf if kl is None else kl,
-                )
-
-            rows.append(_table1_row(base, "not_reached", min(cells.values(), key=badness)))
-    return rows
+    cells = cells[~cells["mixed"]].copy()
+    if cells.empty:
+        return []
+    zero = cells["REFUSE"].eq(0)
+    complies = cells["comply_rate"].ge(min_comply - 1e-12)
+    cells["status"] = zero.map({True: "reached", False: None}).where(
+        complies | ~zero, "without_compliance")  # fmt: skip
+    # per layer: a reached weight when there is one, and of those the lowest
+    zero_rows = (
+        cells[zero]
+        .assign(_rank=lambda f: f["status"].ne("reached"))
+        .sort_values([*CELL[:2], "_rank", "weight"], kind="mergesort")
+        .groupby(CELL[:2], sort=False)
+        .head(1)
+    )
+    best = (
+        cells[~cells["setting_index"].isin(zero_rows["setting_index"])]
+        .assign(
+            _refusals=lambda f: f["REFUSE"].fillna(math.inf),
+            _comply=lambda f: -f["comply_rate"].fillna(-math.inf),
+            _kl=lambda f: f["kl_divergence"].fillna(math.inf),
+        )  # fmt: skip
+        .sort_values(["setting_index", "_refusals", "_comply", "_kl"], kind="mergesort")
+        .groupby("setting_index", sort=False)
+        .head(1)
+        .assign(status="not_reached")
+    )
+    table = pd.concat([zero_rows, best]).sort_values(CELL[:2], kind="mergesort")
+    table = table.rename(columns={o: o.lower() for o in OUTCOMES}).rename(
+        columns={"refuse": "refusals"})  # fmt: skip
+    table["reached"] = table["status"].eq("reached")
+    return _records(table, TABLE1_FIELDS)
 
 
 TABLE1_FIELDS = (
@@ -723,55 +734,44 @@ def format_zero_refusal_table(rows: list[dict[str, Any]]) -> str:
 MIXED = "mixed"
 
 
-def refusal_grid(trials: list[Results]) -> tuple[list[int], list[float], dict[tuple, Any]]:
-    """Table 2 for one setting: (layers, weights, {(layer, weight): mean refusals over the seeds,
-    or ``"mixed"`` for a cell whose trials' configs differ})."""
-    cells = _cells_of(trials)
-    layers = sorted({layer for layer, _ in cells})
-    weights = sorted({weight for _, weight in cells})
-    return layers, weights, {k: MIXED if c.mixed else c.count("REFUSE") for k, c in cells.items()}
+def refusal_grid(cells: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 for one setting's cells (``cell_table``): layers x weights of the mean refusals
+    over the seeds, ``"mixed"`` for a cell whose trials' configs differ, NaN where the sweep has
+    no trial (a cell without a known count is None)."""
+    shown = cells["REFUSE"].astype(object).where(cells["REFUSE"].notna(), None)
+    shown = shown.where(~cells["mixed"], MIXED)
+    return cells.assign(shown=shown).pivot(index="layer", columns="weight", values="shown")
 
 
-def format_refusal_grid(trials: list[Results]) -> str:
-    layers, weights, grid = refusal_grid(trials)
-    header = ["layer", *(f"w={w:g}" for w in weights)]
-
-    def show(value: Any) -> str:
-        return MIXED if value == MIXED else _fmt_count(value)
-
-    rows = [
-        [layer, *(show(grid[(layer, w)]) if (layer, w) in grid else "" for w in weights)]
-        for layer in layers
-    ]
-    return markdown_table(header, rows)
+def format_refusal_grid(grid: pd.DataFrame) -> str:
+    header = ["layer", *(f"w={w:g}" for w in grid.columns)]
+    shown = grid.map(lambda v: v if v == MIXED else _fmt_count(v))
+    shown = shown.where(grid.map(lambda v: v is None or not pd.isna(v)), "")
+    return markdown_table(header, [[layer, *row] for layer, row in zip(
+        grid.index, shown.itertuples(index=False), strict=True)])  # fmt: skip
 
 
-def geometry_rows(results: list[Results], settings: Settings) -> list[dict[str, Any]]:
+def geometry_table(trials: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     """Table 3: per model and layer, the contrast geometry (which depends only on the prompts and
     the layer, so every trial at the layer measures the same thing) and each setting's capture
-    (which does not depend on the weight): means over those trials."""
-    rows = []
-    for (model, layer), trials in sorted(
-        _group(results, lambda r: (_model_name(r), r["trial"]["layer"])).items()
-    ):
-        row: dict[str, Any] = {"model": model, "layer": layer}
-        for name in ("norm_ratio_matched_to_unmatched", "cos_matched_unmatched",
-                     "cos_topic_unmatched"):  # fmt: skip
-            row[name] = _mean(_get(r, "geometry", name) for r in trials)
-        by_setting = _group(trials, setting_key)
-        for key in settings.keys:
-            if key[0] == model:
-                row[f"capture {settings.label(key)}"] = _mean(
-                    _get(r, "geometry", "capture") for r in by_setting.get(key, [])
-                )
-        rows.append(row)
-    return rows
+    (which does not depend on the weight): means over those trials. The capture columns are the
+    first model's settings'."""
+    by_layer = trials.groupby(["model", "layer"], sort=True)
+    table = by_layer[list(GEOMETRY_VALUES)].agg(_mean).astype(float)
+    capture = trials.groupby(["model", "layer", "setting_index"])["capture"].agg(_mean)
+    capture = capture.astype(float).unstack("setting_index")
+    first_model = table.index[0][0]
+    for index, key in enumerate(settings.keys):
+        if key[0] == first_model:
+            column = capture.get(index, math.nan)
+            table[f"capture {settings.label(key)}"] = column
+    return table.reset_index()
 
 
-def format_geometry_table(rows: list[dict[str, Any]], several_models: bool) -> str:
-    if not rows:
+def format_geometry_table(table: pd.DataFrame, several_models: bool) -> str:
+    if table.empty:
         return "(no trials)"
-    names = [k for k in rows[0] if k != "model" or several_models]
+    names = [k for k in table.columns if k != "model" or several_models]
     titles = {
         "norm_ratio_matched_to_unmatched": "norm m/u",
         "cos_matched_unmatched": "cos(m,u)",
@@ -779,7 +779,8 @@ def format_geometry_table(rows: list[dict[str, Any]], several_models: bool) -> s
     }
     header = [titles.get(n, n) for n in names]
     body = [
-        [row.get(n) if n in ("model", "layer") else _fmt(row.get(n)) for n in names] for row in rows
+        [row[n] if n in ("model", "layer") else _fmt(row[n]) for n in names]
+        for row in _records(table, names)
     ]
     return markdown_table(header, body)
 
@@ -798,8 +799,8 @@ def _rate_with_interval(block: str, key: str) -> Callable[[Results], str]:
     return show
 
 
+# the All trials table: the setting label (from the trials frame), then these of each trial
 TRIAL_COLUMNS: tuple[tuple[str, Callable[[Results], Any]], ...] = (
-    ("setting", lambda r: r["_setting"]),
     ("layer", lambda r: r["trial"]["layer"]),
     ("weight", lambda r: r["trial"]["weight"]),
     ("seed", lambda r: r["trial"].get("seed", "n/a")),
@@ -879,13 +880,14 @@ def trial_csv_columns() -> list[tuple[str, Callable[[Results], Any]]]:
     return columns
 
 
-def format_table(results: list[Results]) -> str:
+def format_table(trials: pd.DataFrame) -> str:
     """A Markdown table of the trials, one row each."""
-    settings = Settings(results)
-    for r in results:
-        r["_setting"] = settings.label(setting_key(r))
-    header = [name for name, _ in TRIAL_COLUMNS]
-    return markdown_table(header, [[get(r) for _, get in TRIAL_COLUMNS] for r in results])
+    header = ["setting", *(name for name, _ in TRIAL_COLUMNS)]
+    rows = [
+        [setting, *(get(r) for _, get in TRIAL_COLUMNS)]
+        for setting, r in zip(trials["setting"], trials["results"], strict=True)
+    ]
+    return markdown_table(header, rows)
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
@@ -1012,21 +1014,17 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def paired_comparisons(results: list[Results], settings: Settings) -> list[PairedCell]:
+def paired_comparisons(trials: pd.DataFrame, settings: Settings) -> list[PairedCell]:
     """Every cell (all but baseline and seed equal) with a matched and an unmatched trial: both
     trials' per-prompt harmful outcomes, compared by exact McNemar tests of REFUSE and COMPLY, with
     Holm-adjusted p-values over all compared cells (one family per outcome). Pairs whose prompt
     lists differ, or without completions, are kept with ``skipped`` saying why."""
-
-    def cell_key(r: Results) -> tuple:
-        key = list(setting_key(r))
-        key[BASELINE_INDEX] = "*"
-        return (tuple(key), *_cell_key(r))
-
+    shared = trials["key"].map(lambda key: (*key[:BASELINE_INDEX], "*", *key[BASELINE_INDEX + 1 :]))
     comparisons: list[PairedCell] = []
-    for (key, layer, weight), trials in _group(results, cell_key).items():
-        by_baseline = _group(trials, lambda r: r["trial"]["baseline"])
-        matched, unmatched = by_baseline.get("matched", []), by_baseline.get("unmatched", [])
+    for (key, layer, weight), cell in trials.groupby([shared, "layer", "weight"], sort=False):
+        baseline = cell["results"].map(lambda r: r["trial"]["baseline"])
+        matched = list(cell.loc[baseline == "matched", "results"])
+        unmatched = list(cell.loc[baseline == "unmatched", "results"])
         for m, u in _pairs(matched, unmatched):
             label = f"{settings.label(key, baseline=False)} L{layer} w={weight:g}".strip()
             if len(matched) > 1 or len(unmatched) > 1:
@@ -1181,45 +1179,29 @@ def format_paired_section(comparisons: list[PairedCell]) -> list[str]:
 # --- replicates and mixed cells ------------------------------------------------------------------
 
 
-REPLICATE_VALUES = (("refusal_rate", "eval"), ("comply_rate", "eval"), ("kl_divergence", "eval"))
+REPLICATE_VALUES = ("refusal_rate", "comply_rate", "kl_divergence")
 
 
-def replicate_rows(cells: Iterable[Cell], settings: Settings) -> list[dict[str, Any]]:
-    """Cells with several trials differing only in their seed: n_seeds, and per value its mean,
-    min, max and sample sd (pandas), over the seeds."""
-    records = []
-    for cell in cells:
-        if cell.mixed or len(cell.trials) < 2:
-            continue
-        for r in cell.trials:
-            records.append(
-                {
-                    "setting": settings.label(cell.setting),
-                    "layer": cell.layer,
-                    "weight": cell.weight,
-                    "seed": r["trial"].get("seed"),
-                    **{key: _get(r, block, key) for key, block in REPLICATE_VALUES},
-                }
-            )
-    if not records:
+def replicate_rows(trials: pd.DataFrame) -> list[dict[str, Any]]:
+    """Cells with several trials differing only in their seed: n_seeds, and per value (the rates
+    as recorded, KL) its mean, min, max and sample sd over the seeds."""
+    kept = trials[~trials["mixed"]]
+    kept = kept[kept.groupby(CELL, sort=False)["seed"].transform("size") >= 2]
+    if kept.empty:
         return []
-    frame = pd.DataFrame.from_records(records)
-    for key, _ in REPLICATE_VALUES:
-        frame[key] = pd.to_numeric(frame[key], errors="coerce")
+    frame = kept[["setting", "layer", "weight", "seed"]].assign(
+        refusal_rate=kept["refusal_rate_recorded"], comply_rate=kept["comply_rate_recorded"],
+        kl_divergence=kept["kl_divergence"])  # fmt: skip
     grouped = frame.groupby(["setting", "layer", "weight"], sort=False)
-    summary = grouped[[key for key, _ in REPLICATE_VALUES]].agg(["mean", "min", "max", "std"])
+    summary = grouped[list(REPLICATE_VALUES)].agg(["mean", "min", "max", "std"])
     summary.columns = [f"{key}_{stat}" for key, stat in summary.columns]
     summary.insert(0, "n_seeds", grouped["seed"].nunique())
     summary.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(map(str, s))))
-    summary = summary.reset_index()
-    return [
-        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        for row in summary.to_dict("records")
-    ]
+    return _records(summary.reset_index(), REPLICATE_FIELDS)
 
 
 REPLICATE_FIELDS = ("setting", "layer", "weight", "n_seeds", "seeds") + tuple(
-    f"{key}_{stat}" for key, _ in REPLICATE_VALUES for stat in ("mean", "min", "max", "std")
+    f"{key}_{stat}" for key in REPLICATE_VALUES for stat in ("mean", "min", "max", "std")
 )
 
 
@@ -1251,17 +1233,18 @@ def format_replicates(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def format_mixed_cells(cells: Iterable[Cell], settings: Settings) -> list[str]:
+def format_mixed_cells(trials: pd.DataFrame) -> list[str]:
+    """A line per cell whose trials' configs differ beyond the seed, naming the trials."""
     lines = []
-    for cell in cells:
-        if cell.mixed:
-            shown = ", ".join(cell.differences[:6])
-            more = f" and {len(cell.differences) - 6} more" if len(cell.differences) > 6 else ""
-            lines.append(
-                f"- mixed configs in cell {settings.label(cell.setting)} layer {cell.layer} "
-                f"w={cell.weight:g}: {len(cell.trials)} trials differ in {shown}{more}; not "
-                f"averaged ({', '.join(Path(r['_trial_dir'] if '_trial_dir' in r else r['_dir']).name for r in cell.trials)})"
-            )
+    for (_, layer, weight), cell in trials[trials["mixed"]].groupby(CELL, sort=False):
+        differences = cell["differences"].iloc[0]
+        shown = ", ".join(differences[:6])
+        more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
+        names = ", ".join(Path(d).name for d in cell["trial_dir"])
+        lines.append(
+            f"- mixed configs in cell {cell['setting'].iloc[0]} layer {layer} w={weight:g}: "
+            f"{len(cell)} trials differ in {shown}{more}; not averaged ({names})"
+        )
     return lines
 
 
@@ -1276,92 +1259,65 @@ def _by_weight_colors(values: Sequence[float], cmap: str = "viridis") -> dict[fl
     return {v: colors(0.1 + 0.8 * i / span) for i, v in enumerate(values)}
 
 
-def _unedited_rate(trials: list[Results], outcome: str) -> float | None:
-    """The unedited model's rate of an outcome on the harmful set (mean over the trials, which
-    share it); REFUSE from ``baseline_eval.refusal_rate``, the others from its outcome counts."""
-    if outcome == "REFUSE":
-        return _mean(_get(r, "baseline_eval", "refusal_rate") for r in trials)
-    values = []
-    for r in trials:
-        count, n = (
-            _dig(r, "baseline_eval", "outcomes", outcome),
-            _first(r, (("baseline_eval", "n_harmful"), ("eval", "n_harmful"))),
-        )
-        if _finite(count) and n:
-            values.append(count / n)
-    return _mean(values)
+def _nan_list(values: Iterable[Any]) -> list[float]:
+    return [float(v) if _finite(v) else math.nan for v in values]
 
 
-def plot_refusal_vs_layer(results: list[Results], settings: Settings, path: Path) -> Path:
-    """Four rows (REFUSE, EVASIVE, COMPLY, INCOHERENT rate) x one column per setting: the rate
-    against layer, a line per weight, with a bar and a band for its Wilson 95% interval (replicates: from
-    their lowest to highest bound; mixed cells are not drawn); dashed: the unedited model."""
-    columns = len(settings.keys)
-    figure = Figure(figsize=(4.6 * columns, 2.9 * len(OUTCOMES)), layout="constrained")
-    FigureCanvasAgg(figure)
-    groups = _group(results, setting_key)
-    weights_all = sorted({r["trial"]["weight"] for r in results})
+def _draw_outcome_panel(ax: Any, cells: pd.DataFrame, outcome: str, weights_all: list) -> bool:
+    """One setting's rate of ``outcome`` against layer, a line per weight with its Wilson 95%
+    band and bars; whether anything was drawn."""
+    rate_key = OUTCOME_RATES[outcome]
     colors = _by_weight_colors(weights_all)
     widest = max(len(weights_all) - 1, 1)
-    for column, key in enumerate(settings.keys):
-        trials = groups[key]
-        cells = _cells_of(trials)
+    drawn = False
+    for weight, line in cells.groupby("weight", sort=True):
+        line = line.sort_values("layer", kind="mergesort")
+        if line[rate_key].isna().all():
+            continue
+        drawn = True
+        rank = weights_all.index(weight)
+        layers, rates = list(line["layer"]), _nan_list(line[rate_key])
+        lows, highs = _nan_list(line[f"{rate_key}_ci_low"]), _nan_list(line[f"{rate_key}_ci_high"])
+        ax.plot(
+            layers, rates, marker=MARKERS[rank % len(MARKERS)],
+            markersize=3 + 3 * (len(weights_all) - 1 - rank) / widest,
+            linewidth=1 + 2 * (len(weights_all) - 1 - rank) / widest,
+            color=colors[weight], label=f"w={weight:g}",
+        )  # fmt: skip  # lower weights drawn wider, so lines that coincide stay visible
+        ax.fill_between(layers, lows, highs, color=colors[weight], alpha=0.12, linewidth=0)
+        ax.errorbar(
+            layers, rates,
+            yerr=[[v - low for v, low in zip(rates, lows, strict=True)],
+                  [high - v for v, high in zip(rates, highs, strict=True)]],
+            fmt="none", ecolor=colors[weight], elinewidth=0.8, capsize=2, alpha=0.7,
+        )  # fmt: skip  # a bar per point: a lone layer has no band
+    return drawn
+
+
+def plot_refusal_vs_layer(trials: pd.DataFrame, cells: pd.DataFrame, path: Path) -> Path:
+    """Four rows (REFUSE, EVASIVE, COMPLY, INCOHERENT rate) x one column per setting: the rate
+    against layer (``cell_table``), a line per weight, with a bar and a band for its Wilson 95%
+    interval (replicates: from their lowest to highest bound; mixed cells are not drawn);
+    dashed: the unedited model."""
+    labels = trials.groupby("setting_index", sort=True)["setting"].first()
+    columns = len(labels)
+    figure = Figure(figsize=(4.6 * columns, 2.9 * len(OUTCOMES)), layout="constrained")
+    FigureCanvasAgg(figure)
+    weights_all = sorted(set(trials["weight"]))
+    for column, (index, label) in enumerate(labels.items()):
+        mine = trials[trials["setting_index"] == index]
         for row, outcome in enumerate(OUTCOMES):
             ax = figure.add_subplot(len(OUTCOMES), columns, row * columns + column + 1)
-            rate_key = OUTCOME_RATES[outcome]
-            drawn = False
-            for weight in sorted({w for _, w in cells}):
-                points = sorted((layer, c) for (layer, w), c in cells.items() if w == weight)
-                layers = [layer for layer, _ in points]
-                rates = [c.rate(outcome) for _, c in points]
-                bands = [c.interval("eval", rate_key) for _, c in points]
-                if all(v is None for v in rates):
-                    continue
-                drawn = True
-                rank = weights_all.index(weight)
-                ax.plot(
-                    layers,
-                    [math.nan if v is None else v for v in rates],
-                    marker=MARKERS[rank % len(MARKERS)],
-                    markersize=3 + 3 * (len(weights_all) - 1 - rank) / widest,
-                    linewidth=1 + 2 * (len(weights_all) - 1 - rank) / widest,
-                    color=colors[weight],
-                    label=f"w={weight:g}",
-                )  # lower weights drawn wider, so lines that coincide stay visible
-                ax.fill_between(
-                    layers,
-                    [math.nan if b is None else b[0] for b in bands],
-                    [math.nan if b is None else b[1] for b in bands],
-                    color=colors[weight],
-                    alpha=0.12,
-                    linewidth=0,
-                )
-                lows = [
-                    v - b[0] if v is not None and b else math.nan
-                    for v, b in zip(rates, bands, strict=True)
-                ]
-                highs = [
-                    b[1] - v if v is not None and b else math.nan
-                    for v, b in zip(rates, bands, strict=True)
-                ]
-                ax.errorbar(
-                    layers,
-                    [math.nan if v is None else v for v in rates],
-                    yerr=[lows, highs],
-                    fmt="none",
-                    ecolor=colors[weight],
-                    elinewidth=0.8,
-                    capsize=2,
-                    alpha=0.7,
-                )  # a bar per point: a lone layer has no band
-            unedited = _unedited_rate(trials, outcome)
+            drawn = _draw_outcome_panel(ax, cells[cells["setting_index"] == index], outcome,
+                                        weights_all)  # fmt: skip
+            unedited = _mean(mine[f"unedited_share_{outcome}"])
             if unedited is not None:
                 ax.axhline(unedited, color="grey", linestyle="--", linewidth=1, label="unedited")
             if not drawn:
                 ax.text(0.5, 0.5, "n/a (not recorded)", ha="center", va="center",
                         transform=ax.transAxes, color="grey")  # fmt: skip
             if row == 0:
-                ax.set_title(settings.label(key), fontsize=10)
+                ax.set_title(label, fontsize=10)
             if row == len(OUTCOMES) - 1:
                 ax.set_xlabel("layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -1373,39 +1329,26 @@ def plot_refusal_vs_layer(results: list[Results], settings: Settings, path: Path
     return save_figure(figure, path)
 
 
-def plot_kl_vs_weight(results: list[Results], settings: Settings, path: Path) -> Path:
+def plot_kl_vs_weight(trials: pd.DataFrame, cells: pd.DataFrame, path: Path) -> Path:
     """One panel per setting: KL(original || ablated) against weight, a line per layer (mean over
-    replicates; mixed cells are not drawn)."""
-    figure, axes = new_figure(len(settings.keys))
-    groups = _group(results, setting_key)
-    layers_all = sorted({r["trial"]["layer"] for r in results})
+    replicates, ``cell_table``; mixed cells are not drawn)."""
+    labels = trials.groupby("setting_index", sort=True)["setting"].first()
+    figure, axes = new_figure(len(labels))
+    layers_all = sorted(set(trials["layer"]))
     colors = _by_weight_colors(layers_all, "plasma")
-    positive = all(
-        (_get(r, "eval", "kl_divergence") or 0) > 0
-        for r in results
-        if _finite(_get(r, "eval", "kl_divergence"))
-    )
-    for ax, key in zip(axes, settings.keys, strict=True):
-        cells = _cells_of(groups[key])
-        for layer in sorted({layer for layer, _ in cells}):
-            points = sorted(
-                (weight, c.value("eval", "kl_divergence"))
-                for (l_, weight), c in cells.items()
-                if l_ == layer
-            )
-            ax.plot(
-                [p[0] for p in points],
-                [math.nan if p[1] is None else p[1] for p in points],
-                marker="o",
-                markersize=3,
-                color=colors[layer],
-                label=f"L{layer}",
-            )
+    kl = trials["kl_divergence"]
+    positive = bool(kl[kl.map(_finite)].gt(0).all())
+    for ax, (index, label) in zip(axes, labels.items(), strict=True):
+        mine = cells[cells["setting_index"] == index]
+        for layer, line in mine.groupby("layer", sort=True):
+            line = line.sort_values("weight", kind="mergesort")
+            ax.plot(list(line["weight"]), _nan_list(line["kl_divergence"]), marker="o",
+                    markersize=3, color=colors[layer], label=f"L{layer}")  # fmt: skip
         if positive:
             ax.set_yscale("log")
         else:
             ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_title(settings.label(key), fontsize=10)
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("ablation weight w")
         ax.set_ylabel("KL(original || ablated)")
         ax.grid(alpha=0.3)
@@ -1413,20 +1356,18 @@ def plot_kl_vs_weight(results: list[Results], settings: Settings, path: Path) ->
     return save_figure(figure, path)
 
 
-def plot_norm_ratio_by_layer(rows: list[dict[str, Any]], path: Path) -> Path:
-    """|m_c|/|u_c| by layer (Petrov: ~0.1), and how much of u_c is topic (cos(t,u)) or not."""
+def plot_norm_ratio_by_layer(table: pd.DataFrame, path: Path) -> Path:
+    """|m_c|/|u_c| by layer (Petrov: ~0.1), and how much of u_c is topic (cos(t,u)) or not, from
+    Table 3 (``geometry_table``)."""
     figure, (ratio_ax, cos_ax) = new_figure(2)
-    for model, model_rows in _group(rows, lambda r: r["model"]).items():
-        layers = [r["layer"] for r in model_rows]
-
-        def series(name: str, rows_: list[dict[str, Any]] = model_rows) -> list[float]:
-            return [math.nan if r[name] is None else r[name] for r in rows_]
-
-        ratio_ax.plot(layers, series("norm_ratio_matched_to_unmatched"), marker="o", label=model)
-        cos_ax.plot(layers, series("cos_matched_unmatched"), marker="o", label=f"cos(m,u) {model}")
-        cos_ax.plot(
-            layers, series("cos_topic_unmatched"), marker="s", ls="--", label=f"cos(t,u) {model}"
-        )
+    for model, rows in table.groupby("model", sort=False):
+        layers = list(rows["layer"])
+        ratio_ax.plot(layers, _nan_list(rows["norm_ratio_matched_to_unmatched"]), marker="o",
+                      label=model)  # fmt: skip
+        cos_ax.plot(layers, _nan_list(rows["cos_matched_unmatched"]), marker="o",
+                    label=f"cos(m,u) {model}")  # fmt: skip
+        cos_ax.plot(layers, _nan_list(rows["cos_topic_unmatched"]), marker="s", ls="--",
+                    label=f"cos(t,u) {model}")  # fmt: skip
     ratio_ax.set_title("matched / unmatched contrast norm", fontsize=10)
     ratio_ax.set_ylabel("mean over categories of |m_c| / |u_c|")
     cos_ax.set_title("direction of the unmatched contrast u_c = m_c + t_c", fontsize=10)
@@ -1439,7 +1380,7 @@ def plot_norm_ratio_by_layer(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def representative_trial(trials: list[Results]) -> Results:
+def representative_trial(trials: Iterable[Results]) -> Results:
     """The trial whose directions a setting is shown by: fewest refusals, then lowest weight, then
     lowest KL (the directions depend on the layer, not the weight)."""
 
@@ -1454,16 +1395,16 @@ def representative_trial(trials: list[Results]) -> Results:
     return min(trials, key=rank)
 
 
-def plot_direction_cosines(results: list[Results], settings: Settings, path: Path) -> Path:
+def plot_direction_cosines(trials: pd.DataFrame, path: Path) -> Path:
     """Per setting, the directions' pairwise cosines at its representative layer."""
-    figure, axes = new_figure(len(settings.keys), width=4.8, height=4.4)
-    groups = _group(results, setting_key)
+    by_setting = trials.groupby("setting_index", sort=True)
+    figure, axes = new_figure(by_setting.ngroups, width=4.8, height=4.4)
     image = None
-    for ax, key in zip(axes, settings.keys, strict=True):
-        trial = representative_trial(groups[key])
+    for ax, (_, mine) in zip(axes, by_setting, strict=True):
+        trial = representative_trial(mine["results"])
         matrix = trial["geometry"].get("direction_cosines") or []
         labels = trial["directions"].get("labels") or []
-        ax.set_title(f"{settings.label(key)}, layer {trial['trial']['layer']}", fontsize=10)
+        ax.set_title(f"{mine['setting'].iloc[0]}, layer {trial['trial']['layer']}", fontsize=10)
         if matrix:
             image = draw_cosine_heatmap(ax, matrix, labels)
         else:
@@ -1475,68 +1416,28 @@ def plot_direction_cosines(results: list[Results], settings: Settings, path: Pat
 
 # --- study frames (pandas) and the views drawn from them ---------------------------------------
 
-CELL_VALUES = (
-    *(("eval", OUTCOME_RATES[o]) for o in OUTCOMES),
-    ("eval", "kl_divergence"),
-    ("eval", "harmless_refusal_rate"),
-    ("eval", "matched_harmless_refusal_rate"),
-    ("geometry", "capture"),
-    ("geometry", "perturbation_ratio"),
-)
-
-
-def _outcome_rate(results: Results, block: str, outcome: str) -> float | None:
-    """An outcome's rate on the harmful set: as recorded, else its count out of n."""
-    rate = rate_value(results, block, OUTCOME_RATES[outcome])
-    if rate is not None:
-        return rate
-    count = _dig(results, block, "outcomes", outcome)
-    n = _first(results, ((block, "n_harmful"), ("eval", "n_harmful")))
-    return count / n if _finite(count) and n else None
-
-
-def trials_frame(results: list[Results], settings: Settings) -> pd.DataFrame:
-    """One row per trial: its setting's label, layer, weight, seed, whether its cell is mixed,
-    the edited model's values (``CELL_VALUES``) and the unedited model's (``unedited_<rate>``)."""
-    mixed = {(key[0], key[1], key[2]) for key, cell in build_cells(results).items() if cell.mixed}
-    rows = []
-    for r in results:
-        key = setting_key(r)
-        row: dict[str, Any] = {
-            "setting": settings.label(key),
-            "layer": r["trial"]["layer"],
-            "weight": r["trial"]["weight"],
-            "seed": r["trial"].get("seed"),
-            "mixed": (key, *_cell_key(r)) in mixed,
-        }
-        for block, name in CELL_VALUES:
-            row[name] = _get(r, block, name)
-        for outcome in OUTCOMES:
-            row[OUTCOME_RATES[outcome]] = _outcome_rate(r, "eval", outcome)
-            row[f"unedited_{OUTCOME_RATES[outcome]}"] = _outcome_rate(r, "baseline_eval", outcome)
-        for name in ("harmless_refusal_rate", "matched_harmless_refusal_rate"):
-            row[f"unedited_{name}"] = _get(r, "baseline_eval", name)
-        rows.append(row)
-    frame = pd.DataFrame.from_records(rows)
-    if frame.empty:
-        return frame
-    numeric = [c for c in frame.columns if c not in ("setting", "seed", "mixed", "layer")]
-    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
-    frame["setting"] = pd.Categorical(frame["setting"], [settings.label(k) for k in settings.keys])
-    return frame
+# what the study figures (abliterate.plots) read of a cell
+PLOT_VALUES = (
+    *OUTCOME_RATES.values(), "kl_divergence", "harmless_refusal_rate",
+    "matched_harmless_refusal_rate", "capture", "perturbation_ratio",
+    *(f"unedited_{rate}" for rate in OUTCOME_RATES.values()),
+    "unedited_harmless_refusal_rate", "unedited_matched_harmless_refusal_rate",
+)  # fmt: skip
 
 
 def cells_frame(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, layer, weight): the mean over its replicates; mixed cells left out
-    (they are flagged in the report, never averaged)."""
+    """The study figures' cells: one row per (setting, layer, weight) with the mean over its
+    replicates (pandas' mean) of ``PLOT_VALUES`` and ``n_seeds``; mixed cells left out (they are
+    flagged in the report, never averaged)."""
     if trials.empty:
         return trials
-    kept = trials[~trials["mixed"]].drop(columns=["seed", "mixed"])
-    cells = kept.groupby(["setting", "layer", "weight"], observed=True, sort=True).mean()
-    cells["n_seeds"] = kept.groupby(["setting", "layer", "weight"], observed=True).size()
-    cells = cells.reset_index()
-    cells["setting"] = cells["setting"].astype(str)
-    return cells
+    kept = trials[~trials["mixed"]]
+    kept = kept.assign(layer=pd.to_numeric(kept["layer"]), weight=pd.to_numeric(kept["weight"]))
+    grouped = kept.groupby(CELL, sort=True)
+    cells = grouped[list(PLOT_VALUES)].mean()
+    cells.insert(0, "setting", grouped["setting"].first().astype(str))
+    cells["n_seeds"] = grouped.size()
+    return cells.reset_index().drop(columns="setting_index")
 
 
 def _unedited_by_category(directory: str) -> dict[str, float]:
@@ -1568,38 +1469,39 @@ def category_outcomes(results: Results) -> dict[str, dict[str, Any]]:
     }
 
 
-def category_frame(
-    results: list[Results], settings: Settings, trials: pd.DataFrame
-) -> pd.DataFrame:
+def _category_rows(trial: pd.Series) -> list[dict[str, Any]]:
+    unedited = _unedited_by_category(trial["dir"])
+    rows = []
+    for category, counts in category_outcomes(trial["results"]).items():
+        n, refusals, rate = counts.get("n"), counts.get("REFUSE"), counts.get("refusal_rate")
+        if rate is None and _finite(refusals) and n:
+            rate = refusals / n
+        rows.append({
+            "setting": trial["setting"], "setting_index": trial["setting_index"],
+            "layer": trial["layer"], "weight": trial["weight"], "category": category,
+            "refusals": refusals, "n": n, "refusal_rate": rate,
+            "unedited_refusal_rate": unedited.get(category),
+        })  # fmt: skip
+    return rows
+
+
+def category_frame(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per (setting, layer, weight, category), mixed cells left out: the REFUSE count and
     rate (means over replicates), n, and the unedited model's REFUSE rate in that category."""
-    keep = ~trials["mixed"].to_numpy() if not trials.empty else []
-    rows = []
-    for r, kept in zip(results, keep, strict=True):
-        if not kept:
-            continue
-        unedited = _unedited_by_category(r["_dir"])
-        for category, counts in category_outcomes(r).items():
-            n = counts.get("n")
-            refusals = counts.get("REFUSE")
-            rate = counts.get("refusal_rate")
-            if rate is None and _finite(refusals) and n:
-                rate = refusals / n
-            rows.append({
-                "setting": settings.label(setting_key(r)), "layer": r["trial"]["layer"],
-                "weight": r["trial"]["weight"], "category": category, "refusals": refusals,
-                "n": n, "refusal_rate": rate, "unedited_refusal_rate": unedited.get(category),
-            })  # fmt: skip
+    if trials.empty:
+        return trials
+    rows = [
+        row for _, trial in trials[~trials["mixed"]].iterrows() for row in _category_rows(trial)
+    ]
     frame = pd.DataFrame.from_records(rows)
     if frame.empty:
         return frame
     for column in ("refusals", "n", "refusal_rate", "unedited_refusal_rate"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    order = {settings.label(k): i for i, k in enumerate(settings.keys)}
-    frame = frame.groupby(["setting", "layer", "weight", "category"], sort=False).mean()
-    frame = frame.reset_index()
-    frame["_order"] = frame["setting"].map(order)
-    return frame.sort_values(["_order", "layer", "weight", "category"]).drop(columns="_order")
+    keys = ["setting_index", "setting", "layer", "weight", "category"]
+    frame = frame.groupby(keys, sort=False).mean().reset_index()
+    frame = frame.sort_values(["setting_index", "layer", "weight", "category"])
+    return frame.drop(columns="setting_index")
 
 
 def category_csv_columns(results: list[Results]) -> list[tuple[str, Callable[[Results], Any]]]:
@@ -1644,14 +1546,11 @@ def write_trial_figures(results: list[Results]) -> list[Path]:
 # --- the report ------------------------------------------------------------------------------
 
 
-def _judge_lines(results: list[Results]) -> list[str]:
-    counts = _group(results, judge_name)
+def _judge_lines(trials: pd.DataFrame) -> list[str]:
+    counts = trials["judge"].value_counts().sort_index()
     if len(counts) == 1:
-        (judge,) = counts
-        return [f"Outcomes labelled by judge: **{judge}**."]
-    listed = ", ".join(
-        f"{judge} ({len(trials)} trials)" for judge, trials in sorted(counts.items())
-    )
+        return [f"Outcomes labelled by judge: **{counts.index[0]}**."]
+    listed = ", ".join(f"{judge} ({count} trials)" for judge, count in counts.items())
     return [
         f"**Warning: the trials were labelled by {len(counts)} different judges**: {listed}. "
         "Labels of different judges are not comparable: every setting below names its judge "
@@ -1668,13 +1567,9 @@ def report_names(judge: str | None = None) -> tuple[str, str, str]:
     return f"report-{slug}.md", f"report-{slug}.csv", f"{REPORT_SUBDIR}-{slug}"
 
 
-def _rejudged_lines(results: list[Results], judge: str) -> list[str]:
-    originals = _group(
-        results, lambda r: str(_dig(r, "relabel", "original_judge") or "n/a (not recorded)")
-    )
-    listed = ", ".join(
-        f"{name} ({len(trials)} trials)" for name, trials in sorted(originals.items())
-    )
+def _rejudged_lines(trials: pd.DataFrame, judge: str) -> list[str]:
+    originals = trials["original_judge"].value_counts().sort_index() if len(trials) else {}
+    listed = ", ".join(f"{name} ({count} trials)" for name, count in originals.items())
     return [
         f"Re-judged report: every trial below is read from its copy re-judged by **{judge}** "
         f"(`<trial>/{JUDGEMENTS_DIR}/{judge}/`, written by `python -m abliterate.judge relabel`), "
@@ -1719,6 +1614,7 @@ def write_report(
     not_rejudged = [(d, why) for d, why in incomplete if why.startswith(NOT_REJUDGED)]
     incomplete_own = [(d, why) for d, why in incomplete if not why.startswith(NOT_REJUDGED)]
     settings = Settings(results)
+    trials = trials_frame(results, settings)
     written: list[Path] = []
     title = f"# Sweep report: {root}" + ("" if judge is None else f" (re-judged by {judge})")
     text = [title, ""]
@@ -1727,19 +1623,19 @@ def write_report(
         counts += f"{len(not_rejudged)} not re-judged by {judge}, "
     text.append(counts + f"{len(settings.keys)} settings.")
     if judge is not None:
-        text += ["", *_rejudged_lines(results, judge)]
+        text += ["", *_rejudged_lines(trials, judge)]
 
     if results:
-        body, written = _report_body(results, settings, out_dir, assets, min_comply)
+        body, written = _report_body(trials, settings, out_dir, assets, min_comply)
         text += body
         if trial_figures:
             write_trial_figures(results)
-        text += ["", "## All trials", "", format_table(results)]
+        text += ["", "## All trials", "", format_table(trials)]
     else:
         text += ["", "No complete trials."]
     text += _left_out_lines(incomplete_own, not_rejudged, judge)
 
-    trials_csv = _write_trials_csv(results, settings, out_dir / csv_name)
+    trials_csv = _write_trials_csv(trials, out_dir / csv_name)
     markdown = "\n".join(text) + "\n"
     report = out_dir / report_name
     report.write_text(markdown)
@@ -1750,29 +1646,27 @@ _Section = tuple[list[str], list[Path]]  # (Markdown lines, files written for th
 
 
 def _report_body(
-    results: list[Results], settings: Settings, out_dir: Path, assets: Path, min_comply: float
+    trials: pd.DataFrame, settings: Settings, out_dir: Path, assets: Path, min_comply: float
 ) -> _Section:
-    """The sections drawn from the complete trials, tables 1-3 to the plots, with the CSV tables
+    """The sections drawn from the trials frame, tables 1-3 to the plots, with the CSV tables
     and figures written into ``assets`` for them (in the order they appear)."""
-    cells = build_cells(results)
-    mixed = format_mixed_cells(cells.values(), settings)
-    text = ["", *_judge_lines(results)]
+    cells = cell_table(trials)
+    mixed = format_mixed_cells(trials)
+    text = ["", *_judge_lines(trials)]
     if mixed:
         text += [
             "",
             f"**Warning: {len(mixed)} cell(s) hold trials whose configs differ in more than "
             "the seed**; they are not averaged (see Mixed configs below).",
         ]
+    table3 = geometry_table(trials, settings)
     sections = [
-        _table1_section(results, settings, min_comply, assets),
-        _table2_section(results, settings, assets),
-    ]
-    table3 = geometry_rows(results, settings)
-    sections += [
-        _table3_section(table3, assets),
-        _paired_section(results, settings, assets),
-        _replicates_section(cells, mixed, settings, assets),
-        _plots_section(results, settings, table3, out_dir, assets),
+        table1_section(trials, cells, min_comply, assets),
+        table2_section(trials, cells, settings, assets),
+        table3_section(table3, assets),
+        paired_section(trials, settings, assets),
+        replicates_section(trials, mixed, assets),
+        plots_section(trials, cells, table3, out_dir, assets),
     ]
     written: list[Path] = []
     for lines, files in sections:
@@ -1781,12 +1675,16 @@ def _report_body(
     return text, written
 
 
-def _table1_section(
-    results: list[Results], settings: Settings, min_comply: float, assets: Path
+def _write_frame_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
+    return _write_csv(path, fields, ([row.get(f) for f in fields] for row in rows))
+
+
+def table1_section(
+    trials: pd.DataFrame, cells: pd.DataFrame, min_comply: float, assets: Path
 ) -> _Section:
     """Table 1: the layers reaching zero refusals with the lowest such weight."""
-    n_harmful = sorted({_get(r, "eval", "n_harmful") for r in results}, key=str)
-    table1 = zero_refusal_rows(results, settings, min_comply)
+    n_harmful = sorted(set(trials["n_harmful_recorded"]), key=str)
+    table1 = zero_refusal_rows(cells, min_comply)
     text = [
         "",
         "## Table 1: layers reaching zero refusals (R = 0), with the lowest such weight",
@@ -1800,43 +1698,38 @@ def _table1_section(
         "",
         format_zero_refusal_table(table1),
     ]
-    table_csv = _write_csv(
-        assets / "table1_zero_refusal.csv",
-        TABLE1_FIELDS,
-        ([row[f] for f in TABLE1_FIELDS] for row in table1),
-    )
+    table_csv = _write_frame_csv(assets / "table1_zero_refusal.csv", table1, TABLE1_FIELDS)
     return text, [table_csv]
 
 
-def _table2_section(results: list[Results], settings: Settings, assets: Path) -> _Section:
+def table2_section(
+    trials: pd.DataFrame, cells: pd.DataFrame, settings: Settings, assets: Path
+) -> _Section:
     """Table 2: refusals by layer x weight, one grid (and CSV) per setting."""
-    groups = _group(results, setting_key)
     text = ["", "## Table 2: refusals R by layer x weight", ""]
     written: list[Path] = []
     for index, key in enumerate(settings.keys):
-        trials = groups[key]
-        unedited = _mean(outcome_counts_unedited(r) for r in trials)
+        unedited = _mean(trials.loc[trials["setting_index"] == index, "unedited_refusals"])
+        grid = refusal_grid(cells[cells["setting_index"] == index])
         text += [
             f"### Table 2{chr(ord('a') + index % 26)}: {settings.label(key)}"
             f" (unedited R = {_fmt_count(unedited)})",
             "",
-            format_refusal_grid(trials),
+            format_refusal_grid(grid),
             "",
         ]
-        layers, weights, grid = refusal_grid(trials)
-        written.append(
-            _write_csv(
-                assets / f"table2_refusals_{settings.slug(key)}.csv",
-                ["layer", *(f"w={w:g}" for w in weights)],
-                ([layer, *(grid.get((layer, w)) for w in weights)] for layer in layers),
-            )
+        rows = (
+            [layer, *(None if isinstance(v, float) and math.isnan(v) else v for v in row)]
+            for layer, row in zip(grid.index, grid.itertuples(index=False), strict=True)
         )
+        written.append(_write_csv(assets / f"table2_refusals_{settings.slug(key)}.csv",
+                                  ["layer", *(f"w={w:g}" for w in grid.columns)], rows))  # fmt: skip
     return text, written
 
 
-def _table3_section(table3: list[dict[str, Any]], assets: Path) -> _Section:
-    """Table 3: contrast geometry and capture by layer (``geometry_rows``)."""
-    several_models = len({r["model"] for r in table3}) > 1
+def table3_section(table3: pd.DataFrame, assets: Path) -> _Section:
+    """Table 3: contrast geometry and capture by layer (``geometry_table``)."""
+    several_models = table3["model"].nunique() > 1
     text = [
         "## Table 3: contrast geometry and capture by layer",
         "",
@@ -1847,35 +1740,26 @@ def _table3_section(table3: list[dict[str, Any]], assets: Path) -> _Section:
         "",
         format_geometry_table(table3, several_models),
     ]
-    table3_fields = list(table3[0])
-    table_csv = _write_csv(
-        assets / "table3_geometry_by_layer.csv",
-        table3_fields,
-        ([row.get(f) for f in table3_fields] for row in table3),
-    )
+    fields = list(table3.columns)
+    table_csv = _write_frame_csv(assets / "table3_geometry_by_layer.csv",
+                                 _records(table3, fields), fields)  # fmt: skip
     return text, [table_csv]
 
 
-def _paired_section(results: list[Results], settings: Settings, assets: Path) -> _Section:
+def paired_section(trials: pd.DataFrame, settings: Settings, assets: Path) -> _Section:
     """Matched vs unmatched baselines compared on the same prompts."""
-    comparisons = paired_comparisons(results, settings)
+    comparisons = paired_comparisons(trials, settings)
     text = ["", "## Paired comparison: matched vs unmatched on the same prompts", ""]
     text += format_paired_section(comparisons)
-    table_csv = _write_csv(
-        assets / PAIRED_CSV,
-        PAIRED_FIELDS,
-        ([row[f] for f in PAIRED_FIELDS] for row in paired_rows(comparisons)),
-    )
+    table_csv = _write_frame_csv(assets / PAIRED_CSV, paired_rows(comparisons), PAIRED_FIELDS)
     return text, [table_csv]
 
 
-def _replicates_section(
-    cells: dict[tuple, Cell], mixed: list[str], settings: Settings, assets: Path
-) -> _Section:
+def replicates_section(trials: pd.DataFrame, mixed: list[str], assets: Path) -> _Section:
     """The seed replicates of each cell, then the cells with mixed configs (not averaged)."""
     text: list[str] = []
     written: list[Path] = []
-    replicates = replicate_rows(cells.values(), settings)
+    replicates = replicate_rows(trials)
     if replicates:
         text += [
             "",
@@ -1885,35 +1769,24 @@ def _replicates_section(
             "",
             format_replicates(replicates),
         ]
-        written.append(
-            _write_csv(
-                assets / REPLICATES_CSV,
-                REPLICATE_FIELDS,
-                ([row[f] for f in REPLICATE_FIELDS] for row in replicates),
-            )
-        )
+        written.append(_write_frame_csv(assets / REPLICATES_CSV, replicates, REPLICATE_FIELDS))
     if mixed:
         text += ["", f"## Mixed configs ({len(mixed)} cell(s), not averaged)", "", *mixed]
     return text, written
 
 
-def _plots_section(
-    results: list[Results],
-    settings: Settings,
-    table3: list[dict[str, Any]],
-    out_dir: Path,
-    assets: Path,
+def plots_section(
+    trials: pd.DataFrame, cells: pd.DataFrame, table3: pd.DataFrame, out_dir: Path, assets: Path
 ) -> _Section:
     """The sweep's figures, drawn into ``assets`` and linked relative to ``out_dir``."""
     figures = [
-        ("Outcome rates vs layer", plot_refusal_vs_layer(results, settings, assets / "refusal_vs_layer.png")),
-        ("KL vs weight", plot_kl_vs_weight(results, settings, assets / "kl_vs_weight.png")),
+        ("Outcome rates vs layer", plot_refusal_vs_layer(trials, cells, assets / "refusal_vs_layer.png")),
+        ("KL vs weight", plot_kl_vs_weight(trials, cells, assets / "kl_vs_weight.png")),
         ("Matched/unmatched norm ratio by layer", plot_norm_ratio_by_layer(table3, assets / "norm_ratio_by_layer.png")),
-        ("Direction cosines", plot_direction_cosines(results, settings, assets / "direction_cosines.png")),
+        ("Direction cosines", plot_direction_cosines(trials, assets / "direction_cosines.png")),
     ]  # fmt: skip
-    trials = trials_frame(results, settings)
     cells_table = cells_frame(trials)
-    by_category = category_frame(results, settings, trials)
+    by_category = category_frame(trials)
     if not cells_table.empty:
         figures += [
             ("Refusal vs KL, Pareto front per setting", plots.plot_refusal_vs_kl(cells_table, assets / "refusal_vs_kl.png")),
@@ -1950,15 +1823,16 @@ def _left_out_lines(
     return text
 
 
-def _write_trials_csv(results: list[Results], settings: Settings, path: Path) -> Path:
+def _write_trials_csv(trials: pd.DataFrame, path: Path) -> Path:
     """report.csv: one row per complete trial, its setting, its columns and its directory."""
+    results = list(trials["results"]) if len(trials) else []
     columns = trial_csv_columns() + category_csv_columns(results)
     return _write_csv(
         path,
         ["setting", *(name for name, _ in columns), "dir"],
         (
-            [settings.label(setting_key(r)), *(get(r) for _, get in columns), r["_dir"]]
-            for r in results
+            [setting, *(get(r) for _, get in columns), r["_dir"]]
+            for setting, r in zip(trials.get("setting", []), results, strict=True)
         ),
     )
 
