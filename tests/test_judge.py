@@ -675,6 +675,9 @@ def test_relevance_model_config_is_validated():
     with pytest.raises(ValueError, match="relevance_model"):
         build_judge(JudgeConfig(relevance_model="gpt2"))
     assert build_judge(JudgeConfig()).scorer is None  # type: ignore[attr-defined]
+    from abliterate.judge.relevance import DEFAULT_THRESHOLD
+
+    assert JudgeConfig().relevance_threshold == DEFAULT_THRESHOLD
 
 
 def _tiny_lm():

@@ -33,11 +33,11 @@ def build_judge(cfg: Any = None, loaded: Any = None, cache_dir: Any = None) -> J
         cfg = JudgeConfig(**cfg)
     validate_judge_config(cfg)
     if cfg.name == "rules":
-        from abliterate.judge.relevance import build_scorer
+        from abliterate.judge.relevance import DEFAULT_THRESHOLD, build_scorer
         from abliterate.judge.rules import RulesJudge
 
         scorer = build_scorer(getattr(cfg, "relevance_model", None))
-        threshold = float(getattr(cfg, "relevance_threshold", 0.0))
+        threshold = float(getattr(cfg, "relevance_threshold", DEFAULT_THRESHOLD))
         return RulesJudge(scorer=scorer, relevance_threshold=threshold)
     if cfg.name == "markers":
         from abliterate.judge.markers import MarkersJudge

@@ -33,7 +33,7 @@ class JudgeConfig:
     # neutral request, nats); below relevance_threshold it is EVASIVE. Costs two forward passes
     # per such response (CPU: seconds per response on a busy machine; see README judge card).
     relevance_model: str | None = None  # null | smollm2
-    relevance_threshold: float = 0.0  # nats per token; fitted on judge_dev fit + sets A, B
+    relevance_threshold: float = -0.15  # nats per token; fitted on judge_dev fit + sets A, B
 
 
 def validate_judge_config(cfg) -> None:

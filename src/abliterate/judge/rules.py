@@ -87,7 +87,7 @@ from abliterate.judge.engagement import (
     engagement_gap,
     is_translation,
 )
-from abliterate.judge.relevance import RelevanceScorer
+from abliterate.judge.relevance import DEFAULT_THRESHOLD, RelevanceScorer
 
 OPENING_SENTENCES = 3  # a decline in one of these is "where it stands"
 STOP_TAIL_SENTENCES = 2  # a decline among the last sentences stops the answer
@@ -1403,7 +1403,7 @@ class RulesJudge(Judge):
         min_relevance: float = 0.2,
         engagement: bool = True,
         scorer: RelevanceScorer | None = None,
-        relevance_threshold: float = 0.0,
+        relevance_threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
         super().__init__()
         self.min_relevance = min_relevance
