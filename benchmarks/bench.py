@@ -197,7 +197,7 @@ def bare_generate(
     exactly ``max_new_tokens`` (the floor: a trial's responses may all run to the cap, and the
     unedited model's short refusals would understate it). Returns the tokens generated."""
     from abliterate.generation import count_new_tokens
-    from abliterate.models import format_chat
+    from abliterate.templates import format_chat
 
     tokenizer = loaded.tokenizer
     texts = format_chat(tokenizer, prompts, loaded.system_prompt, loaded.disable_thinking)
@@ -241,7 +241,7 @@ def bare_kl_forward(loaded: Any, input_ids: torch.Tensor, attention_mask: torch.
 def bare_extraction(loaded: Any, prompts: list[str]) -> torch.Tensor:
     """What one writes without the package: batches in the given order, the full model with
     ``output_hidden_states=True``, every layer's last-token state."""
-    from abliterate.models import format_chat
+    from abliterate.templates import format_chat
 
     tokenizer = loaded.tokenizer
     texts = format_chat(tokenizer, prompts, loaded.system_prompt, loaded.disable_thinking)

@@ -16,8 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate import refuser
-from abliterate.models import format_chat, prepare_tokenizer
+from abliterate.models import prepare_tokenizer
 from abliterate.prompts import load_builtin
+from abliterate.templates import format_chat
 
 NEW_TOKENS = 17
 

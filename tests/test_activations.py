@@ -7,8 +7,8 @@ import torch
 
 from abliterate.activations import collect_activations, run_forward_passes
 from abliterate.architectures import get_decoder_layers
-from abliterate.models import count_post_instruction_tokens, format_chat
 from abliterate.prompts import PromptSet
+from abliterate.templates import count_post_instruction_tokens, format_chat
 
 PROMPTS = PromptSet(
     "p", ("Name a red fruit.", "What is 2+2?", "Write one word about the sea, please.")

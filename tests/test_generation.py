@@ -61,7 +61,7 @@ def test_rows_dropped_as_they_end_give_the_same_tokens(
     those of one uninterrupted batched greedy run. The end token is set to one the random model
     emits often, so rows end at different steps and the batch is compacted several times."""
     from abliterate import generation
-    from abliterate.models import format_chat
+    from abliterate.templates import format_chat
 
     loaded = tiny_loaded(family)
     if not reorderable:  # a cache that cannot drop rows: the remaining rows re-read their prefix

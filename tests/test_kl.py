@@ -18,8 +18,8 @@ from abliterate.evaluation import (
     continuation_positions_mask,
 )
 from abliterate.generation import end_token_ids
-from abliterate.models import format_chat
 from abliterate.prompts import PromptSet
+from abliterate.templates import format_chat
 
 # lengths 2, 3, 4, 5, 12 and 14 characters (one token each): with K = 6 and the end forced at a
 # fixed position, they run all 6 tokens, end at the 6th, 5th, 4th, and end at once (twice)

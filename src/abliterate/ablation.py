@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +82,7 @@ from abliterate.config import (
     Scope,
     parse_choice,
 )
+from abliterate.hooks import Hook, attached
 
 COMPUTE_DTYPE = torch.float32  # edits are computed in float32 and cast back to the parameter dtype
 _BUILD_DTYPE = torch.float64  # the small (d_model, rank) factors are built in float64
@@ -478,16 +479,14 @@ def ablation_hooks(
                 f"({writer.path}); use mode=weights"
             )
     projection = build_residual_projection(directions, cfg, scales)
-    with ExitStack() as stack:
-        for writer in selected:
-            gain = writer.post_norm_gain()
-            writer_projection = (
-                projection
-                if gain is None
-                else build_residual_projection(directions, cfg, scales, gain)
-            )
-            for handle in _register_writer_hooks(writer, writer_projection, cfg.norm_preserving):
-                stack.callback(handle.remove)
+    hooks = []
+    for writer in selected:
+        gain = writer.post_norm_gain()
+        writer_projection = (
+            projection if gain is None else build_residual_projection(directions, cfg, scales, gain)
+        )
+        hooks += _writer_hooks(writer, writer_projection, cfg.norm_preserving)
+    with attached(hooks):
         yield
 
 
@@ -593,10 +592,11 @@ def _written_vector_ratios(edited: torch.Tensor, original: torch.Tensor, axis: i
     )
 
 
-def _register_writer_hooks(
+def _writer_hooks(
     writer: Writer, projection: ResidualProjection, norm_preserving: bool
-) -> list[torch.utils.hooks.RemovableHandle]:
-    handles = []
+) -> list[Hook]:
+    """The hooks that apply ``projection`` to one writer: an input pre-hook for a
+    norm-preserved nn.Linear, then the output hook."""
     input_ratio = None  # (in,) for nn.Linear writers
     row_ratio = None  # (vocab,) for the embedding
     bias_correction = None  # (d_model,) makes M b into c_b M b for a norm-preserved bias
@@ -632,15 +632,10 @@ def _register_writer_hooks(
             projected = projected + bias_correction.to(output.device)
         return projected.to(output.dtype)
 
-    try:
-        if input_ratio is not None:
-            handles.append(writer.module.register_forward_pre_hook(scale_input))
-        handles.append(writer.module.register_forward_hook(project_output))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    return handles
+    output_hook = Hook(writer.module, "forward", project_output)
+    if input_ratio is None:
+        return [output_hook]
+    return [Hook(writer.module, "forward_pre", scale_input), output_hook]
 
 
 def _is_tied(writers: ResidualWriters) -> bool:

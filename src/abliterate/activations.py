@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from tqdm.auto import tqdm
 from abliterate.architectures import get_decoder_layers
 from abliterate.cache import DiskCache, content_key, save_safetensors_atomic
 from abliterate.config import Position, parse_choice
-from abliterate.models import LoadedModel, count_post_instruction_tokens, format_chat
+from abliterate.hooks import Hook, attached
+from abliterate.models import LoadedModel
 from abliterate.prompts import PromptSet
+from abliterate.templates import count_post_instruction_tokens, format_chat
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class PromptActivationCapture:
             )
         )
         self._captured: list[torch.Tensor] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = ExitStack()
 
     def _capture(self, _module, _inputs, output) -> None:
         if len(self._captured) < len(self.layers):
@@ -121,18 +124,13 @@ class PromptActivationCapture:
             self._captured.append(hidden[:, -self.take :].float().mean(dim=1))  # (batch, d_model)
 
     def __enter__(self) -> PromptActivationCapture:
-        try:
-            for layer in self.layers:
-                self._handles.append(layer.register_forward_hook(self._capture))
-        except BaseException:
-            self.__exit__()
-            raise
+        self._hooks.enter_context(
+            attached(Hook(layer, "forward", self._capture) for layer in self.layers)
+        )
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.close()
 
     def start_batch(self) -> None:
         self._captured.clear()

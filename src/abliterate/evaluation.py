@@ -37,10 +37,11 @@ from abliterate.cache import DiskCache, content_key
 from abliterate.config import ConfigError
 from abliterate.generation import end_token_ids, generate
 from abliterate.judge import COMPLY, EVASIVE, INCOHERENT, OUTCOMES, REFUSE, Judge, build_judge
-from abliterate.models import LoadedModel, format_chat
+from abliterate.models import LoadedModel
 from abliterate.prompts import PromptSet
 from abliterate.provenance import digest
 from abliterate.stats import rate_record
+from abliterate.templates import format_chat
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from abliterate.activations import PromptActivationCapture, check_finite
 from abliterate.classify import is_label_decided
-from abliterate.models import LoadedModel, format_chat
+from abliterate.models import LoadedModel
+from abliterate.templates import format_chat
 
 # Drop finished rows from a batch once this share of them is done (a refusing row is decided a
 # few tokens in). The gain depends on how a step's cost grows with its rows: on the 2-core CPU

@@ -1,4 +1,4 @@
-"""Model loading and chat formatting.
+"""Model loading: config and tokenizer reads, the checks that run before weights load, the load.
 
 A model comes from a hub id or local directory (``source: hub``), a GGUF file (``source: gguf``),
 or the embedded refusing model built by :mod:`abliterate.refuser` (``source: embedded``).
@@ -13,12 +13,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from abliterate.config import ConfigError, Dtype, ModelConfig, parse_choice
+from abliterate.templates import format_chat
 
 log = logging.getLogger(__name__)
 
@@ -412,41 +413,3 @@ def load_gguf_as_plain_model(path: Path, gguf_file: str | None, dtype: torch.dty
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
-
-
-def format_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str] | tuple[str, ...],
-    system_prompt: str | None = None,
-    disable_thinking: bool = True,
-) -> list[str]:
-    """Each prompt as one user turn with the generation prompt appended.
-
-    Thinking-mode templates (Qwen3/3.5) get ``enable_thinking=False`` so activations and responses
-    start at the answer; templates without that switch ignore the extra variable.
-    """
-    formatted = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=not disable_thinking,
-        )
-        formatted.append(cast(str, text))  # tokenize=False: one conversation renders to a str
-    return formatted
-
-
-def count_post_instruction_tokens(
-    tokenizer: PreTrainedTokenizerBase,
-    system_prompt: str | None = None,
-    disable_thinking: bool = True,
-) -> int:
-    """How many template tokens follow the user's instruction (end-of-turn, assistant header...)."""
-    sentinel = "ZQXJ sentinel"
-    text = format_chat(tokenizer, [sentinel], system_prompt, disable_thinking)[0]
-    suffix = text.split(sentinel, 1)[1]
-    return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from abliterate.cache import DiskCache, file_sha256
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
-from abliterate.models import LoadedModel, format_chat, load_gguf_as_plain_model, prepare_tokenizer
+from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.phrasing import FAMILIES, KINDS, corpus_digest, families_of, load_phrasing
 from abliterate.phrasing import SPLITS as PHRASING_SPLITS
 from abliterate.prompts import load_builtin, load_refusal_texts
 from abliterate.stats import wilson_interval
+from abliterate.templates import format_chat
 
 log = logging.getLogger(__name__)
 
