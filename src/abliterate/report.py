@@ -1823,18 +1823,27 @@ def _left_out_lines(
     return text
 
 
-def _write_trials_csv(trials: pd.DataFrame, path: Path) -> Path:
-    """report.csv: one row per complete trial, its setting, its columns and its directory."""
+def trials_csv_frame(trials: pd.DataFrame) -> pd.DataFrame:
+    """report.csv's rows: per complete trial its setting, ``trial_csv_columns``, the
+    per-category columns and its directory, each value as recorded (object dtype, so an int stays
+    an int and an absent value None)."""
     results = list(trials["results"]) if len(trials) else []
-    columns = trial_csv_columns() + category_csv_columns(results)
-    return _write_csv(
-        path,
-        ["setting", *(name for name, _ in columns), "dir"],
-        (
-            [setting, *(get(r) for _, get in columns), r["_dir"]]
-            for setting, r in zip(trials.get("setting", []), results, strict=True)
-        ),
-    )
+    columns = [
+        ("setting", lambda r: None),
+        *trial_csv_columns(),
+        *category_csv_columns(results),
+        ("dir", lambda r: r["_dir"]),
+    ]
+    frame = pd.DataFrame({name: [get(r) for r in results] for name, get in columns}, dtype=object)
+    if len(trials):
+        frame["setting"] = list(trials["setting"])
+    return frame
+
+
+def _write_trials_csv(trials: pd.DataFrame, path: Path) -> Path:
+    """report.csv (``trials_csv_frame``); blank where a value is absent."""
+    frame = trials_csv_frame(trials)
+    return _write_csv(path, list(frame.columns), frame.itertuples(index=False))
 
 
 def report_group(results: list[Results], root: Path) -> str:
