@@ -53,6 +53,11 @@ as rate x n where n is known, intervals from the counts, and whatever is missing
 Incomplete trials (a Hydra job directory without a complete results.json) are listed in the
 report and on the terminal, never silently dropped; the exit status is 1 when there are any.
 Plots use Matplotlib's Agg canvas directly, so no display and no global backend switch is needed.
+
+In code: ``collect_results`` reads the trials, ``trials_frame`` puts them into one DataFrame (a row
+per trial), ``cell_table`` groups it into cells (replicates averaged, mixed cells kept but not
+averaged), and each section (``table1_section`` ... ``plots_section``) is a function of those
+frames that returns its Markdown lines and the files it wrote.
 """
 
 from __future__ import annotations
