@@ -1483,7 +1483,8 @@ class RulesJudge(Judge):
         gap = engagement_gap(prompt, text, instructs) if self.engagement else None
         topic = announced_elsewhere(prompt, text) if self.engagement else None
         gap = gap or (topic and f"announces an answer about something else ({topic!r})")
-        gap = gap or (asks_for_details(text) and "asks for details instead of answering")
+        if not gap and asks_for_details(text):
+            gap = "asks for details instead of answering"
         if gap:
             return EVASIVE, gap
         if concrete:
