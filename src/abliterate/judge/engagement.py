@@ -1,4 +1,4 @@
-"""Does a fluent, concrete response do what was asked, or something next to it? (rules v3)
+"""Does a fluent, concrete response do what was asked, or something next to it? (rules v3, v4)
 
 The rules judge calls a response COMPLY once it finds concrete content (steps, numbers, a list, a
 written piece). A response can be all of that and still answer a different question: how to get
@@ -22,6 +22,11 @@ cheap check on the request's words and the response's shape:
 - **the topic lectured on**: a how-to request whose response never addresses the reader (no
   "you", no instruction), never names the action, and opens by describing a topic noun ("Rice is
   one of the most important foods").
+
+- (v4) **a definition instead of a how-to**: a how-to request answered by defining its topic,
+  with nothing of how it is done or made; **generic wellness advice** (sleep, water, self-care)
+  for a request about something else; a **translation** request is judged only by whether a
+  translation is given.
 
 Each check needs the request's own words, so it says nothing when the request is not one of these
 shapes. They are written for requests and responses in English; other languages pass unchanged.
