@@ -1,5 +1,5 @@
-"""Evaluation fast paths: batched teacher-forced KL, the cached baseline with its activations,
-stratified harmful subsets, and the batch size chosen for the device."""
+"""Evaluation fast paths: batched teacher-forced KL, the unedited model's cached evaluation with
+its activations, stratified harmful subsets, and the batch size chosen for the device."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 from abliterate.classify import COMPLY, REFUSE
 from abliterate.config import ConfigError, EvalConfig, register_configs
 from abliterate.evaluation import (
-    BaselineEvaluation,
     EvalPrompts,
     KLReference,
     SetResult,
+    UneditedEvaluation,
     compute_kl,
     compute_kl_reference,
-    evaluate_baseline,
+    evaluate_unedited,
     select_eval_prompts,
     summarize_evaluation,
 )
@@ -51,7 +51,7 @@ def test_kl_in_batches_equals_kl_in_one_pass(tiny_loaded, top_k):
         assert one.log_probs.shape[-1] == top_k + 1
 
 
-def test_baseline_cache_keeps_the_harmful_activations(tiny_loaded, tmp_path):
+def test_unedited_eval_cache_keeps_the_harmful_activations(tiny_loaded, tmp_path):
     loaded = tiny_loaded("llama")
     cfg = OmegaConf.structured(EvalConfig(max_new_tokens=3, kl_prompts=2))
     prompts = EvalPrompts(
@@ -60,13 +60,13 @@ def test_baseline_cache_keeps_the_harmful_activations(tiny_loaded, tmp_path):
         matched=PromptSet("matched", ("how do locks work",), ("hacking",)),
         kl=PromptSet("kl", ("name a fruit", "count to three")),
     )
-    first = evaluate_baseline(loaded, prompts, cfg, tmp_path, capture_position="last")
-    again = evaluate_baseline(loaded, prompts, cfg, tmp_path, capture_position="last")
+    first = evaluate_unedited(loaded, prompts, cfg, tmp_path, capture_position="last")
+    again = evaluate_unedited(loaded, prompts, cfg, tmp_path, capture_position="last")
     assert not first.cache_hit and again.cache_hit
     assert first.harmful_activations is not None and first.harmful_activations.shape[0] == 2
     assert torch.equal(again.harmful_activations, first.harmful_activations)
     # without capture it is another cache entry, without activations
-    plain = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+    plain = evaluate_unedited(loaded, prompts, cfg, tmp_path)
     assert not plain.cache_hit and plain.harmful_activations is None
 
 
@@ -178,14 +178,14 @@ def test_summary_records_every_count_and_an_empty_set_rate_is_null():
         torch.zeros(n_kl, 5, 3),
         None,
     )
-    baseline = BaselineEvaluation({**sets, "harmful": _set([REFUSE] * 3)}, reference)
-    summary = summarize_evaluation(sets, 0.25, baseline, cfg)
+    unedited = UneditedEvaluation({**sets, "harmful": _set([REFUSE] * 3)}, reference)
+    summary = summarize_evaluation(sets, 0.25, unedited, cfg)
     assert summary["n_harmful"] == 3 and summary["n_harmless"] == 0 and summary["n_matched"] == 2
     assert summary["n_kl_prompts"] == 7 and summary["kl_tokens"] == 5
     assert summary["harmless_refusal_rate"] is None and summary["harmless_evasive_rate"] is None
     assert summary["matched_harmless_refusal_rate"] == 0.5
     assert summary["refusal_rate"] == pytest.approx(1 / 3)
-    rates = baseline.rates()
+    rates = unedited.rates()
     assert rates["harmless_refusal_rate"] is None and rates["refusal_rate"] == 1.0
     results = {
         "trial": dict.fromkeys(

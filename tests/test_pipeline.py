@@ -86,7 +86,7 @@ def test_trial_writes_the_results_contract(tiny_model_dir, tmp_path):
     assert {"prompt", "category", "response", "label"} <= set(rows[0])
 
 
-def test_sweep_in_one_session_reuses_activations_and_baseline(tiny_model_dir, tmp_path):
+def test_sweep_in_one_session_reuses_activations_and_unedited_eval(tiny_model_dir, tmp_path):
     session = Session()
     states = []
     for index, (baseline, weight) in enumerate(

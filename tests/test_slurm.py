@@ -282,7 +282,7 @@ def sweep(request, tmp_path, slurm_cluster):
         from abliterate.refuser import cache_root, ensure_refuser
 
         # the embedded model is built once per machine (minutes) and shared; the activation and
-        # baseline caches of this sweep start empty
+        # unedited-evaluation caches of this sweep start empty
         model_dir = ensure_refuser(cache_root())
         cache_dir.mkdir()
         (cache_dir / "models").symlink_to(model_dir.parent, target_is_directory=True)
@@ -425,14 +425,14 @@ def test_preempted_job_is_requeued_and_finishes(tmp_path, slurm_cluster, tiny_mo
 # --- the shared cache, without SLURM -----------------------------------------------------------
 
 
-def test_damaged_baseline_cache_entry_is_recomputed_and_replaced(tiny_loaded, tmp_path):
+def test_damaged_unedited_eval_cache_entry_is_recomputed_and_replaced(tiny_loaded, tmp_path):
     """An entry left unreadable (a node that crashed after the rename, an older format) must be
     recomputed and replaced, not crash every later job of the sweep."""
     from omegaconf import OmegaConf
     from tiny_models import single_torch_thread
 
     from abliterate.config import EvalConfig
-    from abliterate.evaluation import EvalPrompts, evaluate_baseline
+    from abliterate.evaluation import EvalPrompts, evaluate_unedited
     from abliterate.prompts import PromptSet
 
     cfg = OmegaConf.structured(EvalConfig(max_new_tokens=4, kl_prompts=2))
@@ -444,12 +444,12 @@ def test_damaged_baseline_cache_entry_is_recomputed_and_replaced(tiny_loaded, tm
     )
     with single_torch_thread():
         loaded = tiny_loaded("llama")
-        first = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+        first = evaluate_unedited(loaded, prompts, cfg, tmp_path)
         (entry,) = [p for p in (tmp_path / "baseline_eval").iterdir() if p.is_dir()]
         tensors = entry / "kl_reference.safetensors"
         tensors.write_bytes(tensors.read_bytes()[:40])  # truncated
-        again = evaluate_baseline(loaded, prompts, cfg, tmp_path)
-        third = evaluate_baseline(loaded, prompts, cfg, tmp_path)
+        again = evaluate_unedited(loaded, prompts, cfg, tmp_path)
+        third = evaluate_unedited(loaded, prompts, cfg, tmp_path)
     assert not first.cache_hit and not again.cache_hit and third.cache_hit
     assert third.sets["harmful"].responses == first.sets["harmful"].responses
     assert [p.name for p in (tmp_path / "baseline_eval").iterdir() if p.is_dir()] == [entry.name]

@@ -419,8 +419,12 @@ def compute_kl(loaded: LoadedModel, reference: KLReference) -> float:
 
 
 @dataclass
-class BaselineEvaluation:
-    """The unedited model's evaluation, computed once and shared by every trial."""
+class UneditedEvaluation:
+    """The unedited model's evaluation, computed once and shared by every trial.
+
+    In code "baseline" is the contrast (matched / unmatched); on disk and in records this
+    evaluation keeps its older name, ``baseline_eval`` (the results contract).
+    """
 
     sets: dict[str, SetResult]
     kl_reference: KLReference
@@ -437,13 +441,14 @@ class BaselineEvaluation:
         return self.sets["matched"].activations
 
     def rates(self) -> dict[str, Any]:
-        """The ``baseline_eval`` block (:func:`summarize_baseline`)."""
-        return summarize_baseline(self.sets)
+        """The ``baseline_eval`` block of results.json (:func:`summarize_unedited`)."""
+        return summarize_unedited(self.sets)
 
 
-def summarize_baseline(sets: dict[str, SetResult]) -> dict[str, Any]:
-    """The unedited model's outcomes and refusal rates with their counts and Wilson intervals;
-    a set that is empty (n=0) has its rate and counts None."""
+def summarize_unedited(sets: dict[str, SetResult]) -> dict[str, Any]:
+    """The unedited model's outcomes and refusal rates with their counts and Wilson intervals,
+    recorded as results.json's ``baseline_eval`` block; a set that is empty (n=0) has its rate and
+    counts None."""
     harmful, unmatched, matched = (sets[name] for name in EVAL_SETS)
     return {
         "n_harmful": len(harmful.labels),
@@ -462,7 +467,7 @@ def _rate(name: str, result: SetResult, outcome: str) -> dict[str, Any]:
     return rate_record(name, sum(label == outcome for label in result.labels), n)
 
 
-def baseline_eval_key(
+def unedited_eval_key(
     loaded: LoadedModel,
     prompts: EvalPrompts,
     cfg: Any,
@@ -509,7 +514,7 @@ def judge_fingerprint(judge: Judge) -> str:
     )
 
 
-def _load_baseline(directory: Path) -> BaselineEvaluation:
+def _load_unedited(directory: Path) -> UneditedEvaluation:
     """A cached entry (checksums verified by the caching layer); raises on another format."""
     payload = json.loads((directory / "sets.json").read_text())
     tensors = load_file(str(directory / "kl_reference.safetensors"))
@@ -523,32 +528,32 @@ def _load_baseline(directory: Path) -> BaselineEvaluation:
         tensors["log_probs"],
         tensors.get("top_indices"),
     )
-    return BaselineEvaluation(sets, reference, cache_hit=True)
+    return UneditedEvaluation(sets, reference, cache_hit=True)
 
 
-def _store_baseline(directory: Path, baseline: BaselineEvaluation) -> None:
+def _store_unedited(directory: Path, unedited: UneditedEvaluation) -> None:
     """Write an entry's files into ``directory`` (the caching layer's staging directory)."""
-    tensors = {k: v.contiguous() for k, v in baseline.kl_reference.tensors().items()}
+    tensors = {k: v.contiguous() for k, v in unedited.kl_reference.tensors().items()}
     tensors["positions_mask"] = tensors["positions_mask"].to(torch.uint8)
     for name in ACTIVATION_SETS:
-        activations = baseline.sets[name].activations
+        activations = unedited.sets[name].activations
         if activations is not None:
             tensors[f"{name}_activations"] = activations.contiguous()
     # serialised here and written by Python: a full disk is an OSError like every other write
     (directory / "kl_reference.safetensors").write_bytes(save(tensors))
     (directory / "sets.json").write_text(
-        json.dumps({"sets": {k: v.texts() for k, v in baseline.sets.items()}})
+        json.dumps({"sets": {k: v.texts() for k, v in unedited.sets.items()}})
     )
 
 
-def evaluate_baseline(
+def evaluate_unedited(
     loaded: LoadedModel,
     prompts: EvalPrompts,
     cfg: Any,
     cache_dir: str | Path | None,
     capture_position: str | None = None,
     judge: Judge | None = None,
-) -> BaselineEvaluation:
+) -> UneditedEvaluation:
     """The unedited model's evaluation, from the cache when present.
 
     Entries live in ``<cache>/baseline_eval/<key>/`` (``sets.json``, ``kl_reference.safetensors``)
@@ -561,45 +566,46 @@ def evaluate_baseline(
             :func:`evaluate_responses`); part of the cache key.
     """
 
-    def compute() -> BaselineEvaluation:
+    def compute() -> UneditedEvaluation:
         sets = evaluate_responses(loaded, prompts, cfg, capture_position, judge=judge)
         reference = compute_kl_reference(loaded, prompts.kl, cfg.kl_tokens, cfg.kl_top_k)
-        return BaselineEvaluation(sets, reference)
+        return UneditedEvaluation(sets, reference)
 
     if cache_dir is None:
         return compute()
+    # the cache directory keeps the record name, baseline_eval/, so existing entries are reused
     disk = DiskCache(cache_dir, "baseline_eval", adopt=True)
     judge = judge or build_judge()
-    key = baseline_eval_key(loaded, prompts, cfg, capture_position, judge)
+    key = unedited_eval_key(loaded, prompts, cfg, capture_position, judge)
 
-    def create(directory: Path) -> BaselineEvaluation:
-        baseline = compute()
-        _store_baseline(directory, baseline)
-        return baseline
+    def create(directory: Path) -> UneditedEvaluation:
+        unedited = compute()
+        _store_unedited(directory, unedited)
+        return unedited
 
-    baseline, _ = disk.get_or_create(key, _load_baseline, create)
-    return baseline
+    unedited, _ = disk.get_or_create(key, _load_unedited, create)
+    return unedited
 
 
 def summarize_evaluation(
     sets: dict[str, SetResult],
     kl: float,
-    baseline: BaselineEvaluation,
+    unedited: UneditedEvaluation,
     cfg: Any,
 ) -> dict[str, Any]:
     """The ``eval`` block of results.json (:func:`summarize_outcomes`)."""
     return summarize_outcomes(
         sets,
-        baseline.sets,
+        unedited.sets,
         kl,
-        len(baseline.kl_reference.input_ids),
+        len(unedited.kl_reference.input_ids),
         {"kl_tokens": cfg.kl_tokens, "kl_top_k": cfg.kl_top_k, "kl_floor": cfg.kl_floor},
     )
 
 
 def summarize_outcomes(
     sets: dict[str, SetResult],
-    baseline_sets: dict[str, SetResult],
+    unedited_sets: dict[str, SetResult],
     kl: float,
     n_kl_prompts: int,
     kl_settings: dict[str, Any],
@@ -613,13 +619,13 @@ def summarize_outcomes(
     one answers COMPLY: coherent compliance gained, the study's outcome.
     """
     harmful, unmatched, matched = (sets[name] for name in EVAL_SETS)
-    baseline_labels = baseline_sets["harmful"].labels
-    if baseline_sets["harmful"].prompts != harmful.prompts:
+    unedited_labels = unedited_sets["harmful"].labels
+    if unedited_sets["harmful"].prompts != harmful.prompts:
         raise ValueError("the unedited and the edited evaluation have different harmful prompts")
     outcomes = harmful.outcome_counts()
     refusals_removed = sum(
         before == REFUSE and after == COMPLY
-        for before, after in zip(baseline_labels, harmful.labels, strict=True)
+        for before, after in zip(unedited_labels, harmful.labels, strict=True)
     )
     block: dict[str, Any] = {
         "n_harmful": len(harmful.labels),
@@ -628,7 +634,8 @@ def summarize_outcomes(
         "n_kl_prompts": n_kl_prompts,
         "outcomes": outcomes,
         "refusals": outcomes[REFUSE],
-        "baseline_refusals": sum(label == REFUSE for label in baseline_labels),
+        # the unedited model's refusals; the record keeps its name (the results contract)
+        "baseline_refusals": sum(label == REFUSE for label in unedited_labels),
     }
     for name, outcome in (
         ("refusal_rate", REFUSE),

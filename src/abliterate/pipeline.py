@@ -10,7 +10,7 @@
     7. geometry of the contrast and of the directions
     8. record: directions.safetensors, completions.jsonl, results.json (last, atomically)
 
-State that outlives a trial (the model, prompt sets, activations, baseline evaluation, directions)
+State that outlives a trial (the model, prompt sets, activations, unedited evaluation, directions)
 lives in a :class:`Session`; Hydra's in-process multirun calls :func:`run_trial` once per trial in
 one process, so a sweep pays for loading and extraction once. A warm trial's unavoidable work is
 the ablated model's generation and one teacher-forced KL pass; ``timing_s`` breaks the rest down
@@ -69,7 +69,10 @@ class Session:
     writers: ResidualWriters | None = None
     prompt_sets: dict[str, PromptSet] = field(default_factory=dict)
     activations: dict[str, activations_stage.Activations] = field(default_factory=dict)
-    baselines: dict[str, evaluation_stage.BaselineEvaluation] = field(default_factory=dict)
+    # unedited_eval_key -> the unedited model's evaluation
+    unedited_evaluations: dict[str, evaluation_stage.UneditedEvaluation] = field(
+        default_factory=dict
+    )
     directions: dict[str, directions_stage.Directions] = field(default_factory=dict)
     judges: dict[str, Judge] = field(default_factory=dict)
     # trial config digest -> the checked prompt sets and evaluation prompts (check_inputs)
@@ -218,10 +221,10 @@ def _judge_stage(cfg: DictConfig, session: Session, loaded: LoadedModel) -> Judg
 
 
 def _held_out_activations(
-    baseline: evaluation_stage.BaselineEvaluation, layer: int
+    unedited: evaluation_stage.UneditedEvaluation, layer: int
 ) -> geometry_stage.HeldOutActivations | None:
     """The unedited evaluation's harmful and matched activations at ``layer``, with its labels."""
-    harmful, matched = baseline.sets["harmful"], baseline.sets["matched"]
+    harmful, matched = unedited.sets["harmful"], unedited.sets["matched"]
     if harmful.activations is None or matched.activations is None:
         return None
     return geometry_stage.HeldOutActivations(
@@ -235,11 +238,11 @@ def _held_out_activations(
 
 
 def _completion_rows(
-    sets: dict[str, evaluation_stage.SetResult], baseline: evaluation_stage.BaselineEvaluation
+    sets: dict[str, evaluation_stage.SetResult], unedited: evaluation_stage.UneditedEvaluation
 ) -> list[dict]:
     rows = []
     for name, result in sets.items():
-        base = baseline.sets[name]
+        before = unedited.sets[name]
         for i, prompt in enumerate(result.prompts):
             rows.append(
                 {
@@ -249,8 +252,9 @@ def _completion_rows(
                     "category": result.categories[i],
                     "response": result.responses[i],
                     "label": result.labels[i],
-                    "baseline_response": base.responses[i],
-                    "baseline_label": base.labels[i],
+                    # the unedited model's; completions.jsonl keeps the baseline_ field names
+                    "baseline_response": before.responses[i],
+                    "baseline_label": before.labels[i],
                 }
             )
     return rows
@@ -506,22 +510,22 @@ def _edit_settings(
     return EditSettings(ablation, scales, mean_norm)
 
 
-def _baseline_stage(
+def _unedited_stage(
     cfg: DictConfig, session: Session, inputs: TrialInputs, judge: Judge
-) -> tuple[evaluation_stage.BaselineEvaluation, bool]:
+) -> tuple[evaluation_stage.UneditedEvaluation, bool]:
     """5. The unedited model's evaluation (cached on disk and in the session; its generation
     also records the harmful and matched prompts' activations). Returns it and whether the
     session's memo had it."""
     position = cfg.extraction.position
-    key = evaluation_stage.baseline_eval_key(
+    key = evaluation_stage.unedited_eval_key(
         inputs.loaded, inputs.eval_prompts, cfg.eval, position, judge
     )
-    memo_hit = key in session.baselines
+    memo_hit = key in session.unedited_evaluations
     if not memo_hit:
-        session.baselines[key] = evaluation_stage.evaluate_baseline(
+        session.unedited_evaluations[key] = evaluation_stage.evaluate_unedited(
             inputs.loaded, inputs.eval_prompts, cfg.eval, cfg.paths.cache_dir, position, judge
         )
-    return session.baselines[key], memo_hit
+    return session.unedited_evaluations[key], memo_hit
 
 
 def _edited_stage(
@@ -529,7 +533,7 @@ def _edited_stage(
     inputs: TrialInputs,
     directions: directions_stage.Directions,
     edit: EditSettings,
-    baseline: evaluation_stage.BaselineEvaluation,
+    unedited: evaluation_stage.UneditedEvaluation,
     judge: Judge,
     timer: StageTimer,
 ) -> EditedEvaluation:
@@ -540,7 +544,7 @@ def _edited_stage(
         log.warning(
             "no usable direction at layer %d: the ablated model is the original", inputs.layer
         )
-        return EditedEvaluation(baseline.sets, 0.0, None)
+        return EditedEvaluation(unedited.sets, 0.0, None)
     loaded = inputs.loaded
     begin = time.perf_counter()
     with apply_ablation(
@@ -551,7 +555,7 @@ def _edited_stage(
             loaded, inputs.eval_prompts, cfg.eval, cfg.extraction.position, timer.timing, judge
         )
         generated = time.perf_counter()
-        kl = evaluation_stage.compute_kl(loaded, baseline.kl_reference)
+        kl = evaluation_stage.compute_kl(loaded, unedited.kl_reference)
         evaluated = time.perf_counter()
     timer.add("ablation", (edited - begin) + (time.perf_counter() - evaluated))
     timer.add("kl", evaluated - generated)
@@ -566,12 +570,12 @@ def _geometry_stage(
     train: TrainActivations,
     directions: directions_stage.Directions,
     edit: EditSettings,
-    baseline: evaluation_stage.BaselineEvaluation,
+    unedited: evaluation_stage.UneditedEvaluation,
     edited: EditedEvaluation,
     layer: int,
 ) -> dict[str, Any]:
     """7. Geometry, with its null baselines and the share of each direction the edit removes."""
-    original = baseline.harmful_activations
+    original = unedited.harmful_activations
     perturbation = (
         geometry_stage.compute_perturbation_ratio(original, edited.harmful_activations, layer)
         if edited.harmful_activations is not None and original is not None
@@ -594,7 +598,7 @@ def _geometry_stage(
         train.layer,
         directions.vectors,
         seed=int(cfg.seed),
-        held_out=_held_out_activations(baseline, layer),
+        held_out=_held_out_activations(unedited, layer),
         perturbation_ratio=perturbation,
         # a copy: each trial's results own their geometry block
         contrast=copy.deepcopy(session.contrasts[contrast_key]),
@@ -658,14 +662,15 @@ def run_trial(
             "original; set export=false, or choose another layer, baseline or extraction"
         )
     edit = _edit_settings(cfg, directions, train)
+    # recorded as timing_s.baseline_evaluation, cache.baseline_eval, baseline_eval (the contract)
     with timer.stage("baseline_evaluation", also="evaluation") as stage:
         judge = _judge_stage(cfg, session, inputs.loaded)
-        baseline, memo_hit = _baseline_stage(cfg, session, inputs, judge)
-        baseline_cache = "hit" if memo_hit or baseline.cache_hit else "miss"
-        stage.note = f"cache {baseline_cache}"
-    edited = _edited_stage(cfg, inputs, directions, edit, baseline, judge, timer)
+        unedited, memo_hit = _unedited_stage(cfg, session, inputs, judge)
+        unedited_cache = "hit" if memo_hit or unedited.cache_hit else "miss"
+        stage.note = f"cache {unedited_cache}"
+    edited = _edited_stage(cfg, inputs, directions, edit, unedited, judge, timer)
     with timer.stage("geometry"):
-        geometry = _geometry_stage(cfg, session, train, directions, edit, baseline, edited, layer)
+        geometry = _geometry_stage(cfg, session, train, directions, edit, unedited, edited, layer)
     with timer.stage("records"):  # results.json itself not included
         results = records.build_results(
             cfg,
@@ -677,12 +682,12 @@ def run_trial(
             directions=directions.as_record(
                 edit.scales.tolist() if edit.scales is not None else None
             ),
-            baseline_eval=baseline.rates(),
+            unedited_eval=unedited.rates(),
             evaluation=evaluation_stage.summarize_evaluation(
-                edited.sets, edited.kl, baseline, cfg.eval
+                edited.sets, edited.kl, unedited, cfg.eval
             ),
             geometry=geometry,
-            cache={"activations": train.cache_state, "baseline_eval": baseline_cache},
+            cache={"activations": train.cache_state, "baseline_eval": unedited_cache},
             provenance=provenance.provenance_record(
                 cfg, inputs.loaded.batch_size, inputs.loaded.identity
             ),
@@ -696,7 +701,7 @@ def run_trial(
                 "extraction": cfg.extraction.method,
             },
         )
-        records.write_completions(output_dir, _completion_rows(edited.sets, baseline))
+        records.write_completions(output_dir, _completion_rows(edited.sets, unedited))
         if cfg.export:
             _export_stage(inputs, output_dir, results)
     results["timing_s"] = timer.finish()

@@ -125,7 +125,7 @@ def write_completions(output_dir: Path, rows: list[dict[str, Any]]) -> Path:
 def format_summary(results: dict[str, Any]) -> str:
     """A few lines for the terminal (a rate of an empty set, None in results.json, shows n/a)."""
     trial, ev, geometry = results["trial"], results["eval"], results["geometry"]
-    base = results["baseline_eval"]
+    unedited = results["baseline_eval"]  # the unedited model's (record name: baseline_eval)
 
     def rate(value: Any) -> str:
         return "n/a" if value is None else f"{value:.2f}"
@@ -143,12 +143,12 @@ def format_summary(results: dict[str, Any]) -> str:
         f"/{trial['orthogonalize']}  layer={trial['layer']}  w={trial['weight']}  scope={trial['scope']}"
         f"  combine={trial['combine']}",
         f"  directions: {results['directions']['count']} (degenerate {results['directions']['degenerate']})",
-        f"  harmful refusal   {rate(base['refusal_rate'])} -> {rate(ev['refusal_rate'])}"
+        f"  harmful refusal   {rate(unedited['refusal_rate'])} -> {rate(ev['refusal_rate'])}"
         f" {interval(ev.get('refusal_rate_ci95'))}   judge={trial.get('judge', 'markers')}",
         f"  outcomes (n={ev['n_harmful']})  {outcomes(ev.get('outcomes'))}"
         f"   refusals removed {ev.get('refusals_removed', 'n/a')}",
-        f"  harmless refusal  {rate(base['harmless_refusal_rate'])} -> {rate(ev['harmless_refusal_rate'])}"
-        f" (n={ev.get('n_harmless', '?')})   matched {rate(base['matched_harmless_refusal_rate'])}"
+        f"  harmless refusal  {rate(unedited['harmless_refusal_rate'])} -> {rate(ev['harmless_refusal_rate'])}"
+        f" (n={ev.get('n_harmless', '?')})   matched {rate(unedited['matched_harmless_refusal_rate'])}"
         f" -> {rate(ev['matched_harmless_refusal_rate'])} (n={ev.get('n_matched', '?')})",
         f"  KL {ev['kl_divergence']:.4f} ({ev.get('n_kl_prompts', '?')} prompts x {ev['kl_tokens']} tok)"
         f"   efficiency {ev['efficiency']:.1f}",
@@ -178,7 +178,7 @@ def build_results(
     extraction_seed: int,
     judge: str,
     directions: dict[str, Any],
-    baseline_eval: dict[str, Any],
+    unedited_eval: dict[str, Any],
     evaluation: dict[str, Any],
     geometry: dict[str, Any],
     cache: dict[str, str],
@@ -212,7 +212,7 @@ def build_results(
             "judge": judge,
         },
         "directions": directions,
-        "baseline_eval": baseline_eval,
+        "baseline_eval": unedited_eval,  # the unedited model's; the record keeps this name
         "eval": evaluation,
         "geometry": geometry,
         "cache": cache,

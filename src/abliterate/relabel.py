@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate import records
-from abliterate.evaluation import EVAL_SETS, SetResult, summarize_baseline, summarize_outcomes
+from abliterate.evaluation import EVAL_SETS, SetResult, summarize_outcomes, summarize_unedited
 from abliterate.judge import Judge
 
 JUDGEMENTS_DIR = "judgements"
@@ -79,9 +79,10 @@ def relabel_trial(directory: Path, judge: Judge, judge_config: dict[str, Any]) -
     rows = _read_completions(directory)
     prompts = [row["prompt"] for row in rows]
     edited = judge.label(prompts, [row["response"] for row in rows])
-    unedited = judge.label(prompts, [row["baseline_response"] for row in rows])
+    # completions.jsonl names the unedited model's response and label baseline_response/_label
+    unedited_labels = judge.label(prompts, [row["baseline_response"] for row in rows])
     sets = _sets(rows, edited, "response")
-    baseline_sets = _sets(rows, unedited, "baseline_response")
+    unedited_sets = _sets(rows, unedited_labels, "baseline_response")
     config_eval = (results.get("config") or {}).get("eval") or {}
     old_eval = results["eval"]
     relabelled = copy.deepcopy(results)
@@ -89,7 +90,7 @@ def relabel_trial(directory: Path, judge: Judge, judge_config: dict[str, Any]) -
     relabelled.pop("schema_version", None)
     relabelled["eval"] = summarize_outcomes(
         sets,
-        baseline_sets,
+        unedited_sets,
         old_eval["kl_divergence"],
         old_eval.get("n_kl_prompts") or config_eval.get("kl_prompts") or 0,
         {
@@ -98,7 +99,7 @@ def relabel_trial(directory: Path, judge: Judge, judge_config: dict[str, Any]) -
             "kl_floor": config_eval.get("kl_floor", 1e-3),
         },
     )
-    relabelled["baseline_eval"] = summarize_baseline(baseline_sets)
+    relabelled["baseline_eval"] = summarize_unedited(unedited_sets)
     relabelled["trial"]["judge"] = judge.name
     relabelled["relabel"] = {
         "judge_config": judge_config,
@@ -110,7 +111,8 @@ def relabel_trial(directory: Path, judge: Judge, judge_config: dict[str, Any]) -
     out = directory / JUDGEMENTS_DIR / judge.name
     out.mkdir(parents=True, exist_ok=True)
     completions = [
-        {**row, "label": edited[i], "baseline_label": unedited[i]} for i, row in enumerate(rows)
+        {**row, "label": edited[i], "baseline_label": unedited_labels[i]}
+        for i, row in enumerate(rows)
     ]
     records.write_completions(out, completions)
     return records.write_results(out, relabelled)
