@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from abliterate import plots, report, tracking
+from abliterate import plots, report, stats, tracking
 from abliterate.stats import mcnemar_exact, rate_record, wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -671,8 +671,8 @@ def test_mixed_judges_are_flagged_and_kept_apart(tmp_path):
 
 
 def test_holm_adjustment_matches_hand_computation():
-    assert report.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
-    assert report.holm_adjust([]) == []
+    assert stats.holm_adjust([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert stats.holm_adjust([]) == []
 
 
 def test_distinguishable_follows_the_holm_adjusted_p(tmp_path):

@@ -83,7 +83,7 @@ from matplotlib.ticker import MaxNLocator
 from abliterate import plots
 from abliterate.plots import draw_cosine_heatmap, new_figure, save_figure
 from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE
-from abliterate.stats import compare_paired, wilson_interval
+from abliterate.stats import compare_paired, holm_adjust, wilson_interval
 
 REPORT_FILE = "report.md"
 TRIALS_CSV = "report.csv"
@@ -1006,17 +1006,6 @@ def _pairs(matched: list[Results], unmatched: list[Results]) -> list[tuple[Resul
     return [
         (m, by_seed[m["trial"].get("seed")]) for m in matched if m["trial"].get("seed") in by_seed
     ]
-
-
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error over all of ``p_values``)."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted = [1.0] * len(p_values)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def paired_comparisons(trials: pd.DataFrame, settings: Settings) -> list[PairedCell]:

@@ -81,3 +81,14 @@ def compare_paired(first: Sequence[bool], second: Sequence[bool]) -> PairedCompa
         only_second=only_second,
         p_value=mcnemar_exact(only_first, only_second),
     )
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error over all of ``p_values``)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
