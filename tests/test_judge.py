@@ -245,6 +245,26 @@ def test_label_cli(tmp_path):
     assert result.returncode == 2 and f"{missing}:1: no 'response'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("judge=bogus", "error: judge='bogus' is not valid; choose one of rules, markers, "
+                        "classifier, llm"),
+        ("judge.input=foo", "error: judge.input='foo' is not valid; choose one of response, pair"),
+        ("judge.batch_size=abc", "error: judge.batch_size: Value 'abc' of type 'str' could not "
+                                 "be converted to Integer"),
+    ],
+)  # fmt: skip
+def test_a_bad_judge_setting_is_one_line(tmp_path, capsys, override, message):
+    from abliterate.judge.__main__ import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": ASK, "response": REFUSALS[0]}) + "\n")
+    assert main(["label", str(path), override]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message and captured.out == ""
+
+
 def test_validate_cli_on_a_small_file(tmp_path):
     path = tmp_path / "gold.jsonl"
     rows = [{"prompt": ASK, "response": REFUSALS[0], "label": REFUSE},

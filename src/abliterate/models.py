@@ -57,7 +57,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    # judge.dtype is a plain string, and so is a dtype from Python
+    # a composed config holds a Dtype; a dtype passed from Python may be a plain string
     if parse_choice(Dtype, dtype, "model.dtype", ValueError) == Dtype.auto:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]

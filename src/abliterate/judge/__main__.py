@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from abliterate.choices import choice_error_line, parse_choice
 from abliterate.judge import OUTCOMES, build_judge
-from abliterate.judge.config import JudgeConfig
+from abliterate.judge.config import JudgeConfig, JudgeName
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 VALIDATION_FILE = DATA / "judge_validation.jsonl"
@@ -39,7 +40,9 @@ def compose_judge(overrides: list[str]) -> Any:
     """The ``judge`` config from conf/judge/*.yaml with ``judge=NAME`` / ``judge.key=value``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
+    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
 
     ConfigStore.instance().store(name="judge_schema", node=JudgeConfig)
     group = [o for o in overrides if o.startswith("judge=")]
@@ -49,13 +52,22 @@ def compose_judge(overrides: list[str]) -> Any:
             raise InputError(
                 f"override {override!r}: only judge=NAME and judge.KEY=VALUE apply here"
             )
-    choice = group[-1].split("=", 1)[1] if group else "rules"
-    if not CONF.is_dir():  # installed without the repository's conf/: schema defaults
-        cfg = OmegaConf.merge(OmegaConf.structured(JudgeConfig(name=choice)),
-                              OmegaConf.from_dotlist([o[len("judge."):] for o in rest]))  # fmt: skip
-        return cfg
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(overrides=[f"+judge={choice}", *rest]).judge
+    name = parse_choice(JudgeName, group[-1].split("=", 1)[1] if group else "rules", "judge",
+                        InputError)  # fmt: skip
+    try:
+        if not CONF.is_dir():  # installed without the repository's conf/: schema defaults
+            return OmegaConf.merge(OmegaConf.structured(JudgeConfig(name=name)),
+                                   OmegaConf.from_dotlist([o[len("judge."):] for o in rest]))  # fmt: skip
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(overrides=[f"+judge={name}", *rest]).judge
+    except (ConfigCompositionException, ValidationError) as error:
+        # a bad judge.KEY=VALUE: one line naming it (and, for a choice, the valid values)
+        wrapped = error if isinstance(error, ConfigCompositionException) else None
+        line = choice_error_line(wrapped) if wrapped is not None else None
+        cause = error.__cause__ or error
+        key = getattr(cause, "full_key", None)
+        message = str(cause).splitlines()[0]
+        raise InputError(line or (f"{key}: {message}" if key else message)) from None
 
 
 def read_records(path: Path, need: tuple[str, ...]) -> list[dict]:
