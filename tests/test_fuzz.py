@@ -26,10 +26,11 @@ from abliterate.prompts import PromptDataError, load_prompt_set
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # the choice fields outside the prompt sets (whose source needs a matching path), and their values
+# judge.name is chosen with its group (judge=classifier also needs judge.model): not drawn here
 CHOICES = {
     key: tuple(member.value for member in kind)
     for key, kind in choice_fields().items()
-    if not key.startswith("data.")
+    if not key.startswith("data.") and key != "judge.name"
 }
 FUZZ = settings(
     max_examples=40,
