@@ -1,7 +1,8 @@
 """Judges: label a (prompt, response) pair REFUSE, EVASIVE, COMPLY or INCOHERENT.
 
 ``build_judge(cfg)`` makes the judge a ``judge`` config names: ``rules`` (default), ``markers``,
-``classifier`` (a Hugging Face sequence classifier) or ``llm`` (a chat model with a rubric).
+``classifier`` (a Hugging Face sequence classifier), ``llm`` (a chat model with a rubric) or
+``probe`` (a linear probe on SmolLM2-135M features and the rules label).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def build_judge(cfg: Any = None, loaded: Any = None, cache_dir: Any = None) -> J
         from abliterate.judge.classifier import ClassifierJudge
 
         return ClassifierJudge(cfg)
+    if cfg.name == "probe":
+        from abliterate.judge.probe import ProbeJudge
+
+        return ProbeJudge(batch_size=cfg.batch_size, device=cfg.device)
     from abliterate.judge.llm import LLMJudge
 
     fallback = None if cfg.fallback in OUTCOMES else build_judge({"name": cfg.fallback})

@@ -13,6 +13,7 @@ class JudgeName(Choice):
     markers = "markers"  # Heretic's public marker list, for comparison with peers' numbers
     classifier = "classifier"  # a Hugging Face sequence-classification refusal model
     llm = "llm"  # a chat model answering the rubric
+    probe = "probe"  # a linear probe on SmolLM2-135M features + the rules label (opt-in)
 
 
 class JudgeInput(Choice):
@@ -42,14 +43,14 @@ JUDGES: tuple[str, ...] = tuple(JudgeName)
 @dataclass
 class JudgeConfig:
     name: JudgeName = JudgeName.rules
-    batch_size: int = 32  # responses per forward pass (classifier, llm)
+    batch_size: int = 32  # responses per forward pass (classifier, llm, probe)
     # classifier / llm: the judge model
     model: str | None = None  # hub id or local directory (llm: also a .gguf file with source=gguf)
     source: ModelSource = ModelSource.hub  # llm only (embedded: the embedded refuser as the judge)
     revision: str | None = None  # hub revision
     trust_remote_code: bool = False
     dtype: Dtype = Dtype.float32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (probe: where its base model runs)
     # classifier: the model's class names (id2label, case-insensitive) -> outcomes
     label_map: dict[str, str] = field(default_factory=dict)
     input: JudgeInput = JudgeInput.response  # the classifier's input
