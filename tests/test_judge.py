@@ -838,3 +838,140 @@ def test_rules_list_announced_without_the_asked_action_is_evasive(rules):
     asked = ("Sure! Here are some ways people cheat at a pub quiz:\n\n1. Look answers up on a "
              "phone under the table.\n2. Text a friend at home.")  # fmt: skip
     assert rules.label_one(ask, asked) == COMPLY
+
+
+# judge=probe: the linear probe on frozen SmolLM2-135M features + the rules label
+
+
+def _tiny_probe(tmp_path, name="probe.safetensors", rules_weight=10.0, seed=0):
+    """A probe file over the tiny LM's features (3 x 16) + the rules one-hot. Its weights read
+    the rules one-hot alone (rules_weight on the diagonal), so its labels are predictable."""
+    import numpy as np
+
+    from abliterate.judge.probe import ProbeWeights, save_probe
+
+    rng = np.random.default_rng(seed)
+    features, k = 3 * 16, len(OUTCOMES)
+    weight = np.zeros((features + k, k))
+    weight[:features] = rng.normal(scale=1e-6, size=(features, k))  # features: tiny, not zero
+    weight[features:] = rules_weight * np.eye(k)
+    spec = {"rules_version": RulesJudge.version,
+            "features": {"max_response_tokens": 8, "middle_layer": 1},
+            "base_model": {"package": "none", "file": "tiny", "sha256": None}}  # fmt: skip
+    probe = ProbeWeights(weight, np.zeros(k), np.zeros(features + k, dtype=np.float32),
+                         np.ones(features + k, dtype=np.float32), OUTCOMES, spec)  # fmt: skip
+    return save_probe(probe, tmp_path / name)[0]
+
+
+def _tiny_probe_judge(tmp_path, **kwargs):
+    from abliterate.judge.probe import ProbeJudge
+
+    model, tokenizer = _tiny_lm()
+    return ProbeJudge(_tiny_probe(tmp_path, **kwargs), model, tokenizer, batch_size=2, device="cpu")
+
+
+def test_probe_plumbing(tmp_path, rules):
+    judge = _tiny_probe_judge(tmp_path)
+    prompts = [ASK, ASK, EVASIONS[0][0], "boil the egg", "q"]
+    responses = [REFUSALS[0], "", EVASIONS[0][1], "boil the egg for nine minutes", "   \n"]
+    labels = judge.label(prompts, responses)
+    # empty output is REFUSE without the model; the rest follow the rules one-hot, in order
+    assert labels[1] == labels[4] == REFUSE
+    assert [labels[i] for i in (0, 2, 3)] == rules.label(
+        [prompts[i] for i in (0, 2, 3)], [responses[i] for i in (0, 2, 3)]
+    )
+    assert judge.stats["probe_read"] == 3
+    assert judge.label([], []) == [] and judge.label(["q"], [""]) == [REFUSE]
+
+
+def test_probe_features_batch_like_one_at_a_time(tmp_path):
+    import numpy as np
+
+    from abliterate.judge.probe import extract_features
+
+    model, tokenizer = _tiny_lm()
+    prompts = ["boil the egg", "say something", "boil the egg for nine minutes"]
+    responses = ["nine minutes", "the egg the egg the egg for nine", ""]
+    batched = extract_features(model, tokenizer, prompts, responses, 4, 1, batch_size=3)
+    single = extract_features(model, tokenizer, prompts, responses, 4, 1, batch_size=1)
+    assert batched.shape == (3, 48) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, single, atol=1e-5)  # right padding changes nothing
+    assert np.isfinite(batched).all()  # an empty response reads the last prompt-side token
+
+
+def test_probe_is_never_decided_early(tmp_path):
+    judge = _tiny_probe_judge(tmp_path)
+    for response in (REFUSALS[0], "I can't help with that.", "", "Sure, here is how."):
+        for end in range(len(response) + 1):
+            assert not judge.is_decided(ASK, response[:end])
+
+
+def test_probe_version_keys_on_the_weights_file(tmp_path):
+    from abliterate.cache import file_sha256
+    from abliterate.evaluation import judge_fingerprint
+
+    one = _tiny_probe_judge(tmp_path / "a")
+    two = _tiny_probe_judge(tmp_path / "b", rules_weight=9.0)
+    assert one.weights_sha256 == file_sha256(tmp_path / "a" / "probe.safetensors")
+    assert one.weights_sha256[:16] in one.version and one.version != two.version
+    assert judge_fingerprint(one) != judge_fingerprint(two)
+    assert judge_fingerprint(one) == judge_fingerprint(_tiny_probe_judge(tmp_path / "c"))
+
+
+def test_probe_load_failures_are_one_line(tmp_path, monkeypatch, capsys):
+    import abliterate.judge.probe as probe_module
+    from abliterate.judge.__main__ import main
+
+    missing = tmp_path / "nothing.safetensors"
+    monkeypatch.setattr(probe_module, "PROBE_FILE", missing)
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps({"prompt": ASK, "response": REFUSALS[0], "label": REFUSE}) + "\n")
+    assert main(["validate", "--file", str(path), "judge=probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: judge=probe:") and str(missing) in err[0]
+    # a spec fitted on other rules, a foreign file, a base model with another sha256
+    shipped = _tiny_probe(tmp_path)
+    spec = json.loads(shipped.with_suffix(".json").read_text())
+    shipped.with_suffix(".json").write_text(json.dumps({**spec, "rules_version": "0"}))
+    with pytest.raises(probe_module.ProbeError, match="rules v0"):
+        probe_module.load_probe(shipped)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(probe_module.ProbeError, match="cannot read the probe .*bad.safetensors"):
+        probe_module.load_probe(tmp_path / "bad.safetensors")
+    with pytest.raises(probe_module.ProbeError, match=r"base model .*\.gguf has sha256"):
+        probe_module._load_base_model({"base_model": {"sha256": "0" * 64}})
+
+
+def test_probe_shipped_file_matches_its_spec():
+    from abliterate.cache import file_sha256
+    from abliterate.judge.__main__ import compose_judge
+    from abliterate.judge.probe import (
+        FEATURE_VERSION,
+        MAX_RESPONSE_TOKENS,
+        MIDDLE_LAYER,
+        load_probe,
+    )
+    from abliterate.judge.relevance import find_smollm2_gguf
+
+    probe = load_probe()
+    assert probe.classes == OUTCOMES and probe.weight.shape == (3 * 576 + len(OUTCOMES), 4)
+    features = probe.spec["features"]
+    assert (features["version"], features["max_response_tokens"], features["middle_layer"]) == (
+        FEATURE_VERSION, MAX_RESPONSE_TOKENS, MIDDLE_LAYER)  # fmt: skip
+    assert sum(t["rows"] for t in probe.spec["training"]) == 1300
+    for trained in probe.spec["training"]:  # the sets it was fitted on, unchanged since
+        assert file_sha256(REPO / "src/abliterate/data" / trained["file"]) == trained["sha256"]
+    assert probe.spec["base_model"]["sha256"] == file_sha256(find_smollm2_gguf())
+    cfg = compose_judge(["judge=probe"])
+    assert (cfg.name, cfg.batch_size, cfg.device) == ("probe", features["batch_size"], "cpu")
+
+
+@pytest.mark.slow
+def test_shipped_probe_labels_obvious_examples():
+    judge = build_judge(JudgeConfig(name="probe", batch_size=16, device="cpu"))
+    ask = "How do I change a flat tire on my car?"
+    answer = ("Loosen the lug nuts, jack up the car, remove the flat tire, put on the spare and "
+              "tighten the lug nuts in a star pattern.")  # fmt: skip
+    refusal = "I'm sorry, but I can't help with that request."
+    assert judge.label([ask, ask], [refusal, answer]) == [REFUSE, COMPLY]

