@@ -740,8 +740,6 @@ def test_bad_eval_judge_or_objective_setting_fails_before_weights_and_tracking(
         ("judge.batch_size=0", r"judge\.batch_size=0 must be >= 1"),
         ("judge.max_new_tokens=0", r"judge\.max_new_tokens=0 must be a whole number >= 1"),
         ("judge.max_response_chars=-1", r"judge\.max_response_chars=-1 must be a whole number"),
-        ("judge.input=both", r"judge\.input='both' is not valid; choose one of response, pair"),
-        ("judge.fallback=maybe", r"judge\.fallback='maybe' is not valid"),
         ("judge=classifier judge.model=null", r"judge=classifier needs judge\.model="),
         ("judge=llm", r"judge=llm needs judge\.model=<hub id or dir> or judge\.source=embedded"),
         ("logger.init_timeout_s=nan", r"logger\.init_timeout_s=nan must be a finite number >= 0"),
@@ -759,6 +757,26 @@ def test_validate_config_names_each_bad_judge_logger_or_objective_value(
     cfg = compose_trial(tmp_path, tmp_path, *override.split())
     with pytest.raises(ConfigError, match=pattern):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("judge.input=both", "judge.input='both' is not valid; choose one of response, pair"),
+        ("judge.fallback=maybe", "judge.fallback='maybe' is not valid; choose one of rules, "
+                                 "markers, REFUSE, EVASIVE, COMPLY, INCOHERENT"),
+    ],
+)  # fmt: skip
+def test_a_bad_judge_choice_fails_at_compose_time_in_one_line(tmp_path, override, line):
+    # judge choices are enums of the judge schema: composing fails, and the command line prints
+    # choice_error_line's one line (as for every other choice field)
+    from hydra.errors import ConfigCompositionException
+
+    from abliterate.choices import choice_error_line
+
+    with pytest.raises(ConfigCompositionException) as failure:
+        compose_trial(tmp_path, tmp_path, override)
+    assert choice_error_line(failure.value) == line
 
 
 def test_sets_that_were_not_evaluated_are_null_with_n_zero(tiny_model_dir, tmp_path):
