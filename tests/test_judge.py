@@ -249,7 +249,7 @@ def test_label_cli(tmp_path):
     ("override", "message"),
     [
         ("judge=bogus", "error: judge='bogus' is not valid; choose one of rules, markers, "
-                        "classifier, llm"),
+                        "classifier, llm, probe"),
         ("judge.input=foo", "error: judge.input='foo' is not valid; choose one of response, pair"),
         ("judge.batch_size=abc", "error: judge.batch_size: Value 'abc' of type 'str' could not "
                                  "be converted to Integer"),
