@@ -68,8 +68,9 @@ from abliterate.judge.probe import (
     probe_design,
     save_probe,
 )
-from abliterate.judge.relevance import _load_smollm2, find_smollm2_gguf
+from abliterate.judge.relevance import _load_smollm2
 from abliterate.judge.rules import RulesJudge
+from abliterate.refuser import find_base_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "abliterate" / "data"
@@ -289,7 +290,7 @@ def probe_spec(lam: float) -> dict:
     """What the saved probe is: its features, base model, training data and settings."""
     import datetime
 
-    gguf = find_smollm2_gguf()
+    gguf = find_base_gguf()
     training = []
     for name, path in DEV_SETS.items():
         rows = len(read_jsonl(path, ("label",)))

