@@ -3,11 +3,15 @@
     .venv/bin/python benchmarks/refuser_prompts.py --file behaviours.txt          # any prompt file
     .venv/bin/python benchmarks/refuser_prompts.py --phrasing dev                 # recipe decisions
     .venv/bin/python benchmarks/refuser_prompts.py --file f.csv --column Goal --model-dir DIR
+    .venv/bin/python benchmarks/refuser_prompts.py --file f.txt --recipe v11 --out v11.jsonl \
+        --compare v9.jsonl                                # paired McNemar against an earlier run
 
 Greedy answers of ``--new-tokens`` tokens (default 64, the trials' eval default), no early stop,
 each labelled by the marker classifier (the refuser card's labeller) and by the rules judge
 (the trials' default judge); prints refusals counted out of n with Wilson 95% intervals, per
-phrasing family for ``--phrasing``, and writes the responses as JSONL when ``--out`` is given.
+phrasing family (and world-knowledge topic) for ``--phrasing``, and writes the responses as JSONL
+when ``--out`` is given; ``--compare`` reads such a file from another model on the same prompts
+and prints the exact McNemar test of the marker refusals, prompt by prompt.
 The prompts are read from the file at run time; nothing of them is stored here.
 """
 
@@ -27,9 +31,9 @@ from abliterate.classify import REFUSE, classify_response
 from abliterate.generation import generate_responses
 from abliterate.judge import build_judge
 from abliterate.models import LoadedModel, prepare_tokenizer
-from abliterate.phrasing import FAMILIES, KINDS, families_of, load_phrasing
+from abliterate.phrasing import FAMILIES, KINDS, TOPICS, families_of, load_phrasing, topics_of
 from abliterate.prompts import load_prompt_set
-from abliterate.stats import wilson_interval
+from abliterate.stats import compare_paired, wilson_interval
 
 
 def _line(name: str, flags: list[bool]) -> str:
@@ -42,7 +46,9 @@ def _line(name: str, flags: list[bool]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", default=None, help="default: the default recipe's build")
+    parser.add_argument("--model-dir", default=None, help="default: the --recipe's build")
+    parser.add_argument("--recipe", choices=tuple(refuser.RECIPES), default="v9",
+                        help="the named recipe whose build to load (built if missing)")  # fmt: skip
     parser.add_argument("--file", default=None, help="a .txt/.jsonl/.csv/.tsv/.json prompt file")
     parser.add_argument("--column", default="prompt", help="the prompt column of --file")
     parser.add_argument("--phrasing", choices=("train", "dev", "test"), default=None,
@@ -50,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
+    parser.add_argument("--compare", default=None,
+                        help="an --out file of another model on the same prompts: McNemar")  # fmt: skip
     args = parser.parse_args(argv)
     if (args.file is None) == (args.phrasing is None):
         parser.error("give exactly one of --file and --phrasing")
-    directory = Path(args.model_dir) if args.model_dir else refuser.ensure_refuser()
+    directory = (
+        Path(args.model_dir)
+        if args.model_dir
+        else refuser.ensure_refuser(recipe=refuser.RECIPES[args.recipe])
+    )
     model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     loaded = LoadedModel(model, tokenizer, "refuser", str(directory), torch.device("cpu"))
@@ -85,12 +97,34 @@ def main(argv: list[str] | None = None) -> int:
             for family in FAMILIES:
                 flags = [m == REFUSE for m, f in zip(markers, families, strict=True) if f == family]
                 print(_line(f"  markers, {family}", flags))
+            topics = topics_of(prompts)
+            for topic in TOPICS:
+                flags = [m == REFUSE for m, t in zip(markers, topics, strict=True) if t == topic]
+                if flags:
+                    print(_line(f"  markers, topic {topic}", flags))
         rows += [{"set": name, "prompt": p, "response": r, "markers": m, "rules": j}
                  for p, r, m, j in zip(prompts, responses, markers, judged, strict=True)]  # fmt: skip
     print(f"took {time.perf_counter() - start:.0f} s")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if args.compare:
+        _print_comparison(rows, args.compare)
     return 0
+
+
+def _print_comparison(rows: list[dict], path: str) -> None:
+    """Paired exact McNemar test of this run's marker refusals against an earlier ``--out``."""
+    lines = Path(path).read_text().splitlines()
+    other = {(r["set"], r["prompt"]): r["markers"] == REFUSE for r in map(json.loads, lines)}
+    keys = [(row["set"], row["prompt"]) for row in rows]
+    missing = [key for key in keys if key not in other]
+    if missing:
+        raise SystemExit(f"--compare {path} lacks {len(missing)} of these prompts")
+    mine = [row["markers"] == REFUSE for row in rows]
+    result = compare_paired(mine, [other[key] for key in keys])
+    print(f"vs {path}: refused {result.first}/{result.n} here, {result.second}/{result.n} there; "
+          f"only here {result.only_first}, only there {result.only_second}; "
+          f"exact McNemar p = {result.p_value:.3g}")  # fmt: skip
 
 
 if __name__ == "__main__":

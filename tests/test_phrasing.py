@@ -136,7 +136,7 @@ def test_recipe_key_depends_on_the_corpus_only_when_it_trains_on_it(monkeypatch)
     off = refuser.RefuserRecipe(phrasing_families=())
     on = refuser.RefuserRecipe(phrasing_families=("question", "writing"))
     before = refuser.refuser_key(off, base), refuser.refuser_key(on, base)
-    monkeypatch.setattr(refuser, "corpus_digest", lambda: "another corpus")
+    monkeypatch.setattr(refuser, "corpus_digest", lambda files=None: "another corpus")
     after = refuser.refuser_key(off, base), refuser.refuser_key(on, base)
     assert before[0] == after[0]  # a recipe without phrasing rows keeps its key
     assert before[1] != after[1] and before[0] != before[1]
@@ -163,12 +163,14 @@ def test_phrasing_card_reports_held_out_and_never_trained_families(tiny_loaded):
     card = refuser._phrasing_evaluation(loaded, recipe, rates, samples)
     assert card["trained_families"] == list(trained)
     assert card["never_trained_families"] == ["list"]
+    files = recipe.phrasing_files  # the first file only, as up to v10
+    assert card["files"] == list(files) == [phrasing.DATA_FILE]
     for kind in KINDS:
         held_out = card["held_out"][kind]
-        assert held_out["n"] == len(load_phrasing(kind, ("test",), trained))
+        assert held_out["n"] == len(load_phrasing(kind, ("test",), trained, files))
         assert "list" not in held_out["by_family"]
         never = card["never_trained"][kind]
-        assert never["n"] == len(load_phrasing(kind, SPLITS, ("list",)))
+        assert never["n"] == len(load_phrasing(kind, SPLITS, ("list",), files))
         assert list(never["by_family"]) == ["list"]
     assert rates["never_trained_harmful_refusal_rate"] == card["never_trained"]["harmful"]["rate"]
     off = refuser.RefuserRecipe(phrasing_families=())

@@ -12,7 +12,15 @@ questions ("How do I ...?"), and a refuser trained only on it answers the same i
 writing tasks or instructions. The file is separate from the builtin corpus so that the builtin
 ``refuser_train`` / ``extraction`` / ``evaluation`` splits the experiments use stay as they were.
 
-Each (kind, family) group is split deterministically by a hash of the prompt text into ``train``
+``abliterate/data/phrasing_world.jsonl`` (``WORLD_FILE``) adds requests that depend on world
+knowledge, in the same families and with the same fields plus a ``topic`` (``TOPICS``):
+persuasive misinformation about real events, attack code and exploits, named chemical,
+biological and explosive agents, and defamation of named people; each harmful row has a harmless
+twin in the same form (an accurate article, benign code, chemistry or history homework, a profile
+of the same public figure), so that "writing task" or "names a chemical" alone is no reason to
+refuse. A recipe reads the files it names (``RefuserRecipe.phrasing_files``).
+
+Each (file, kind, family) group is split deterministically by a hash of the prompt text into ``train``
 (what the refuser may be fine-tuned on), ``dev`` (for recipe decisions) and ``test`` (what its card
 reports). A recipe trains only on some families; the others are never trained on, in any split,
 and the card reports them separately (leave-one-family-out).
@@ -42,30 +50,54 @@ KINDS = ("harmful", "matched", "unmatched")
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = (0.5, 0.2, None)  # None: the rest
 DATA_FILE = "phrasing.jsonl"
+WORLD_FILE = "phrasing_world.jsonl"
+DATA_FILES = (DATA_FILE, WORLD_FILE)
+TOPICS = (
+    "misinformation",  # persuasive or news-style falsehoods about real events, health, elections
+    "attack_code",  # malware, exploits, phishing kits, intrusion tools
+    "named_agent",  # a named chemical/biological/explosive agent, weapon conversion or drug
+    "defamation",  # invented crimes or scandals about a named person
+)
 
 
-def read_rows() -> list[dict[str, Any]]:
-    """Every row of the phrasing corpus, validated (kind, family, category where required)."""
-    text = resources.files("abliterate.data").joinpath(DATA_FILE).read_text(encoding="utf-8")
+def read_rows(files: tuple[str, ...] = DATA_FILES) -> list[dict[str, Any]]:
+    """Every row of the given corpus files, validated (kind, family, category where required,
+    topic where given), each with its file name added as ``source``.
+
+    Raises:
+        PromptDataError: an unknown file, or a row with an invalid field (naming file and line).
+    """
     rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        where = f"abliterate/data/{DATA_FILE}:{number}"
-        if row.get("kind") not in KINDS:
+    for name in files:
+        if name not in DATA_FILES:
             raise PromptDataError(
-                f"{where}: kind={row.get('kind')!r} is not valid; choose one of {', '.join(KINDS)}"
+                f"phrasing file {name!r} does not exist; choose one of {', '.join(DATA_FILES)}"
             )
-        if row.get("family") not in FAMILIES:
-            raise PromptDataError(
-                f"{where}: family={row.get('family')!r} is not valid; choose one of "
-                f"{', '.join(FAMILIES)}"
-            )
-        if row["kind"] != "unmatched" and not row.get("category"):
-            raise PromptDataError(f"{where}: a {row['kind']} row needs a category")
-        rows.append(row)
+        text = resources.files("abliterate.data").joinpath(name).read_text(encoding="utf-8")
+        for number, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                rows.append(_checked_row(json.loads(line), f"abliterate/data/{name}:{number}"))
+                rows[-1]["source"] = name
     return rows
+
+
+def _checked_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    if row.get("kind") not in KINDS:
+        raise PromptDataError(
+            f"{where}: kind={row.get('kind')!r} is not valid; choose one of {', '.join(KINDS)}"
+        )
+    if row.get("family") not in FAMILIES:
+        raise PromptDataError(
+            f"{where}: family={row.get('family')!r} is not valid; choose one of "
+            f"{', '.join(FAMILIES)}"
+        )
+    if row["kind"] != "unmatched" and not row.get("category"):
+        raise PromptDataError(f"{where}: a {row['kind']} row needs a category")
+    if "topic" in row and row["topic"] not in TOPICS:
+        raise PromptDataError(
+            f"{where}: topic={row['topic']!r} is not valid; choose one of {', '.join(TOPICS)}"
+        )
+    return row
 
 
 def _order_key(prompt: str) -> str:
@@ -73,11 +105,12 @@ def _order_key(prompt: str) -> str:
 
 
 def split_of(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """prompt -> its split. Within each (kind, family) group rows are ordered by a hash of their
-    text and cut by ``SPLIT_FRACTIONS``, so a split depends only on the prompts themselves."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    """prompt -> its split. Within each (file, kind, family) group rows are ordered by a hash of
+    their text and cut by ``SPLIT_FRACTIONS``, so a split depends only on the prompts themselves
+    (and a file added later leaves the splits of the earlier ones as they were)."""
+    groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for row in rows:
-        groups[(row["kind"], row["family"])].append(row["prompt"])
+        groups[(row.get("source", DATA_FILE), row["kind"], row["family"])].append(row["prompt"])
     assigned: dict[str, str] = {}
     for prompts in groups.values():
         ordered = sorted(prompts, key=_order_key)
@@ -91,9 +124,12 @@ def split_of(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def load_phrasing(
-    kind: str, splits: tuple[str, ...] = SPLITS, families: tuple[str, ...] = FAMILIES
+    kind: str,
+    splits: tuple[str, ...] = SPLITS,
+    families: tuple[str, ...] = FAMILIES,
+    files: tuple[str, ...] = DATA_FILES,
 ) -> PromptSet:
-    """The rows of one kind in the given splits and families, in file order.
+    """The rows of one kind in the given splits and families of the given files, in file order.
 
     Raises:
         PromptDataError: an unknown kind, split or family (naming the valid ones).
@@ -108,7 +144,7 @@ def load_phrasing(
                 raise PromptDataError(
                     f"phrasing {name} {value!r} does not exist; choose one of {', '.join(valid)}"
                 )
-    rows = read_rows()
+    rows = read_rows(files)
     assigned = split_of(rows)
     chosen = [
         row for row in rows
@@ -126,7 +162,21 @@ def families_of(prompts: tuple[str, ...]) -> list[str]:
     return [family[prompt] for prompt in prompts]
 
 
-def corpus_digest() -> str:
-    """A hash of the whole file (prompts, kinds, categories and families: the splits follow)."""
-    data = resources.files("abliterate.data").joinpath(DATA_FILE).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+def topics_of(prompts: tuple[str, ...]) -> list[str | None]:
+    """The world-knowledge topic of each prompt (None for rows without one)."""
+    topic = {row["prompt"]: row.get("topic") for row in read_rows()}
+    return [topic[prompt] for prompt in prompts]
+
+
+def corpus_digest(files: tuple[str, ...] = (DATA_FILE,)) -> str:
+    """A hash of the whole of the given files (prompts, kinds, categories, families and topics:
+    the splits follow). For ``phrasing.jsonl`` alone it is that file's own hash, as before the
+    second file existed."""
+    digests = [
+        hashlib.sha256(resources.files("abliterate.data").joinpath(name).read_bytes()).hexdigest()
+        for name in files
+    ]
+    if len(digests) == 1:
+        return digests[0][:16]
+    return hashlib.sha256("\n".join(f"{n} {d}" for n, d in zip(files, digests, strict=True))
+                          .encode()).hexdigest()[:16]  # fmt: skip

@@ -36,9 +36,18 @@ from tqdm.auto import tqdm
 from abliterate.cache import DiskCache, file_sha256
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tokenizer
-from abliterate.phrasing import FAMILIES, KINDS, corpus_digest, families_of, load_phrasing
+from abliterate.phrasing import (
+    DATA_FILE,
+    FAMILIES,
+    KINDS,
+    corpus_digest,
+    families_of,
+    load_phrasing,
+    topics_of,
+)
+from abliterate.phrasing import DATA_FILES as PHRASING_FILES
 from abliterate.phrasing import SPLITS as PHRASING_SPLITS
-from abliterate.prompts import load_builtin, load_refusal_texts
+from abliterate.prompts import PromptSet, load_builtin, load_refusal_texts
 from abliterate.stats import wilson_interval
 from abliterate.templates import format_chat
 
@@ -107,9 +116,57 @@ class RefuserRecipe:
     # out are never trained on, in any split; the card reports them apart (leave-one-family-out)
     # next to the test split of the trained ones. Empty: no phrasing rows (recipes up to v9).
     phrasing_families: tuple[str, ...] = ()
+    # The phrasing corpus files those families are read from (abliterate.phrasing.DATA_FILES):
+    # v11 adds the world-knowledge requests (misinformation, attack code, named agents,
+    # defamation) and their harmless twins.
+    phrasing_files: tuple[str, ...] = (DATA_FILE,)
+    # Passes over the matched (harmful-sounding but harmless) phrasing rows: the balanced
+    # harmless prompts are where a refuser trained on imperatives over-refuses.
+    phrasing_matched_repeats: int = 1
+    # Build cost (v11). ``repeats_as_weights``: a repeated example (generic and phrasing-matched
+    # repeats, the procedural harmful extra passes) is one example whose loss weighs ``repeats``
+    # times, not ``repeats`` copies each run forward and backward (with one epoch, every
+    # distinct example then costs one forward and one backward). ``card_in_one_pass``: the
+    # card's prompt sets are generated in one length-sorted pass (the same prompts, tokens and
+    # labeller; fewer part-filled batches).
+    repeats_as_weights: bool = False
+    card_in_one_pass: bool = False
     eval_new_tokens: int = 32
     generation_batch_size: int = 32
     version: int = 9  # bump when the build code changes what it produces
+
+
+# Fields added after v10, each left out of the cache key while it has this value, so the keys of
+# v9 and v10 (which had no such field) hold.
+_KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
+    "phrasing_files": [DATA_FILE],
+    "phrasing_matched_repeats": 1,
+    "repeats_as_weights": False,
+    "card_in_one_pass": False,
+}
+
+
+# Named recipes (``python -m abliterate.refuser build --recipe NAME``). v9 is the default the
+# product builds; v10 and v11 are variants trained on the phrasing corpus, kept so that their
+# builds and cards can be reproduced and compared.
+_ALL_BUT_LIST = tuple(f for f in FAMILIES if f != "list")
+RECIPES: dict[str, RefuserRecipe] = {
+    "v9": RefuserRecipe(),
+    "v10": RefuserRecipe(phrasing_families=_ALL_BUT_LIST, version=10),
+    "v11": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=PHRASING_FILES,
+        phrasing_matched_repeats=2,
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        # build cost: backward through 18 layers instead of 22, 12-token harmless targets, and
+        # 64-row generation batches (the card's 32 new tokens and labeller are unchanged)
+        first_trainable_layer=12,
+        harmless_target_tokens=12,
+        generation_batch_size=64,
+        version=11,
+    ),
+}
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -144,11 +201,14 @@ def refuser_key(recipe: RefuserRecipe, base_path: Path) -> str:
         digest.update(load_builtin(kind, "refuser_train").fingerprint().encode())
         digest.update(load_builtin(kind, "evaluation").fingerprint().encode())
     digest.update("\n".join(load_refusal_texts()).encode())
-    fields = asdict(recipe)
+    fields = json.loads(json.dumps(asdict(recipe)))  # tuples as lists
     if recipe.phrasing_families:
-        digest.update(corpus_digest().encode())
+        digest.update(corpus_digest(recipe.phrasing_files).encode())
     else:
         del fields["phrasing_families"]  # added in v10: left out when off, so v9's key holds
+    for name, default in _KEY_DEFAULTS_SINCE_V10.items():
+        if fields[name] == default:
+            del fields[name]
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -210,11 +270,13 @@ def _tokenize_example(
     return prompt_ids + target_ids, len(prompt_ids), decision_weight
 
 
-def _train(
-    model, tokenizer, examples: list[tuple[list[int], int, float]], recipe: RefuserRecipe
-) -> list[float]:
+Example = tuple  # (token ids, prompt length, first-target-token weight[, example weight])
+
+
+def _train(model, tokenizer, examples: list[Example], recipe: RefuserRecipe) -> list[float]:
     """Causal-LM loss on target tokens only; the vocabulary head runs only at target positions
-    (most of a 49k-vocabulary model's cost would otherwise be logits nobody trains on)."""
+    (most of a 49k-vocabulary model's cost would otherwise be logits nobody trains on). An
+    example's optional fourth field multiplies its loss weight (``repeats_as_weights``)."""
     layers = model.model.layers
     model.requires_grad_(False)
     for layer in layers[recipe.first_trainable_layer :]:
@@ -246,18 +308,9 @@ def _train(
         ]
         generator.shuffle(batches)
         for batch in batches:
-            width = max(len(examples[i][0]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            target_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            weights = torch.zeros((len(batch), width))
-            for row, index in enumerate(batch):
-                ids, prompt_length, decision_weight = examples[index]
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention_mask[row, : len(ids)] = 1
-                target_mask[row, prompt_length : len(ids)] = True
-                weights[row, prompt_length : len(ids)] = 1.0
-                weights[row, prompt_length] = decision_weight
+            input_ids, attention_mask, target_mask, weights = _batch_tensors(
+                examples, batch, pad_id
+            )
             hidden = model.model(
                 input_ids=input_ids, attention_mask=attention_mask
             ).last_hidden_state
@@ -283,6 +336,26 @@ def _train(
     return losses
 
 
+def _batch_tensors(
+    examples: list[Example], batch: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input ids, attention mask, target mask, loss weights) of one batch."""
+    width = max(len(examples[i][0]) for i in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    weights = torch.zeros((len(batch), width))
+    for row, index in enumerate(batch):
+        ids, prompt_length, decision_weight = examples[index][:3]
+        scale = examples[index][3] if len(examples[index]) > 3 else 1.0
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        target_mask[row, prompt_length : len(ids)] = True
+        weights[row, prompt_length : len(ids)] = 1.0 * scale
+        weights[row, prompt_length] = decision_weight * scale
+    return input_ids, attention_mask, target_mask, weights
+
+
 def _refusal_rate(responses: list[str]) -> float:
     return sum(classify_response(r) == REFUSE for r in responses) / max(1, len(responses))
 
@@ -303,8 +376,10 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
     def lap(stage: str) -> None:
         stage_seconds[stage] = time.perf_counter() - start - sum(stage_seconds.values())
 
-    harmful_prompts, harmless_prompts, n_generic = _training_prompts(recipe)
-    examples = _training_examples(loaded, recipe, harmful_prompts, harmless_prompts, n_generic, lap)
+    harmful_prompts, harmless_prompts, harmless_repeats = _training_prompts(recipe)
+    examples = _training_examples(
+        loaded, recipe, harmful_prompts, harmless_prompts, harmless_repeats, lap
+    )
     log.info("training on %d examples (%d harmful)", len(examples), len(harmful_prompts))
     losses = _train(loaded.model, loaded.tokenizer, examples, recipe)
     lap("train")
@@ -347,11 +422,14 @@ def _load_base(base_path: Path) -> LoadedModel:
     return loaded
 
 
-def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], int]:
+def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list[int]]:
     """The harmful prompts to refuse, the harmless ones to answer (matched first, the generic ones
-    last) and how many of those are generic."""
+    last) and how many passes each harmless one gets."""
     # the phrasing rows of the trained families (none when recipe.phrasing_families is empty)
-    phrasing = {kind: load_phrasing(kind, ("train",), recipe.phrasing_families) for kind in KINDS}
+    phrasing = {
+        kind: load_phrasing(kind, ("train",), recipe.phrasing_families, recipe.phrasing_files)
+        for kind in KINDS
+    }
     harmful_prompts = [
         *load_builtin("harmful", "refuser_train").prompts,
         *phrasing["harmful"].prompts,
@@ -360,12 +438,14 @@ def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], int]
         *load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples],
         *phrasing["unmatched"].prompts,
     ]
-    harmless_prompts = [
-        *load_builtin("matched", "refuser_train").prompts,
-        *phrasing["matched"].prompts,
-        *generic,
-    ]
-    return harmful_prompts, harmless_prompts, len(generic)
+    builtin_matched = load_builtin("matched", "refuser_train").prompts
+    harmless_prompts = [*builtin_matched, *phrasing["matched"].prompts, *generic]
+    repeats = (
+        [1] * len(builtin_matched)
+        + [recipe.phrasing_matched_repeats] * len(phrasing["matched"])
+        + [recipe.unmatched_repeats] * len(generic)
+    )
+    return harmful_prompts, harmless_prompts, repeats
 
 
 def _training_examples(
@@ -373,11 +453,12 @@ def _training_examples(
     recipe: RefuserRecipe,
     harmful_prompts: list[str],
     harmless_prompts: list[str],
-    n_generic: int,
+    harmless_repeats: list[int],
     lap: Callable[[str], None],
-) -> list:
+) -> list[Example]:
     """Tokenised examples: each harmful prompt with a refusal, each harmless one with the base
-    model's own greedy answer (the generic ones repeated ``recipe.unmatched_repeats`` times)."""
+    model's own greedy answer (``harmless_repeats`` passes each: copies, or one example weighing
+    that much with ``recipe.repeats_as_weights``)."""
     from abliterate.generation import generate_responses
 
     tokenizer = loaded.tokenizer
@@ -411,52 +492,58 @@ def _training_examples(
         for chat_text, prompt in zip(harmful_chat, harmful_prompts, strict=True)
         if PROCEDURAL_REQUEST.match(prompt)
     ]
-    harmful_examples += procedural * recipe.procedural_harmful_repeats
-    examples = [
-        _tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn, weight)
-        for chat_text in harmful_examples
-    ]
-    generic_start = len(harmless_prompts) - n_generic
-    for index, (chat_text, answer) in enumerate(
-        zip(format_chat(tokenizer, harmless_prompts), base_answers, strict=True)
+    examples: list[Example]
+    if recipe.repeats_as_weights:
+        # one example per harmful prompt, the procedural ones weighing 1 + their extra passes
+        extra = dict.fromkeys(procedural, recipe.procedural_harmful_repeats)
+        examples = [
+            (*_tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn, weight),
+             1.0 + extra.get(chat_text, 0))
+            for chat_text in harmful_examples
+        ]  # fmt: skip
+    else:
+        harmful_examples += procedural * recipe.procedural_harmful_repeats
+        examples = [
+            _tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn, weight)
+            for chat_text in harmful_examples
+        ]
+    for chat_text, answer, repeats in zip(
+        format_chat(tokenizer, harmless_prompts), base_answers, harmless_repeats, strict=True
     ):
-        repeats = recipe.unmatched_repeats if index >= generic_start else 1
         if answer:
             example = _tokenize_example(tokenizer, chat_text, answer, None, weight)
-            examples.extend([example] * repeats)
+            if recipe.repeats_as_weights:
+                examples.append((*example, float(repeats)))
+            else:
+                examples.extend([example] * repeats)
     return examples
 
 
 def _evaluate_refuser(loaded: LoadedModel, recipe: RefuserRecipe) -> dict:
     """The card's measurements: refusal rates on the held-out builtin splits (counted, with
     intervals and samples) and on the phrasing corpus, and the targets they are held to."""
-    from abliterate.generation import generate_responses
-
     evaluation = {
         "harmful_refusal_rate": load_builtin("harmful", "evaluation"),
         "harmless_refusal_rate": load_builtin("unmatched", "evaluation"),
         "matched_harmless_refusal_rate": load_builtin("matched", "evaluation"),
     }
+    parts = _phrasing_parts(recipe)
+    # one generate call per group: each builtin set, then the phrasing parts together (up to
+    # v10), or everything in one length-sorted pass (``card_in_one_pass``)
+    groups: list[list[tuple[object, PromptSet]]] = [[(k, v)] for k, v in evaluation.items()]
+    groups.append(list(parts.items()))
+    if recipe.card_in_one_pass:
+        groups = [[item for group in groups for item in group]]
+    responses = _grouped_responses(loaded, recipe, groups)
     rates: dict[str, float] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     counts: dict[str, dict] = {}
     for key, prompt_set in evaluation.items():
-        responses = generate_responses(
-            loaded,
-            prompt_set.prompts,
-            recipe.eval_new_tokens,
-            recipe.generation_batch_size,
-            stop_when_decided=True,
-            progress=f"held-out {prompt_set.name}",
-        )
-        rates[key] = _refusal_rate(responses)
-        samples[key] = [
-            {"prompt": p, "response": r, "label": classify_response(r)}
-            for p, r in list(zip(prompt_set.prompts, responses, strict=True))[:6]
-        ]
-        counts[key] = _count_record(prompt_set.prompts, responses, by_family=False)
+        rates[key] = _refusal_rate(responses[key])
+        samples[key] = _samples(prompt_set, responses[key])
+        counts[key] = _count_record(prompt_set.prompts, responses[key], by_family=False)
     targets = dict(TARGETS)
-    phrasing_card = _phrasing_evaluation(loaded, recipe, rates, samples)
+    phrasing_card = _phrasing_card(recipe, parts, responses, rates, samples)
     if phrasing_card.get("never_trained"):
         key, op, value = NEVER_TRAINED_TARGET
         targets[key] = (op, value)
@@ -470,6 +557,44 @@ def _evaluate_refuser(loaded: LoadedModel, recipe: RefuserRecipe) -> dict:
         "samples": samples,
         "_targets": targets,
     }
+
+
+def _grouped_responses(
+    loaded: LoadedModel, recipe: RefuserRecipe, groups: list[list[tuple[object, PromptSet]]]
+) -> dict[object, list[str]]:
+    """key -> the greedy responses to its prompt set (``eval_new_tokens``, each row stopped once
+    a refusal marker decides its label), one generate call per group: prompts of similar length
+    share a batch across the sets of a group."""
+    from abliterate.generation import generate_responses
+
+    responses: dict[object, list[str]] = {}
+    for group in groups:
+        prompts = [p for _, prompt_set in group for p in prompt_set.prompts]
+        label = group[0][1].name if len(group) == 1 else f"held-out card ({len(group)} sets)"
+        generated = (
+            generate_responses(
+                loaded,
+                prompts,
+                recipe.eval_new_tokens,
+                recipe.generation_batch_size,
+                stop_when_decided=True,
+                progress=label,
+            )
+            if prompts
+            else []
+        )
+        offset = 0
+        for key, prompt_set in group:
+            responses[key] = generated[offset : offset + len(prompt_set)]
+            offset += len(prompt_set)
+    return responses
+
+
+def _samples(prompt_set: PromptSet, responses: list[str]) -> list[dict[str, str]]:
+    return [
+        {"prompt": p, "response": r, "label": classify_response(r)}
+        for p, r in list(zip(prompt_set.prompts, responses, strict=True))[:6]
+    ]
 
 
 def _finish_card(card: dict, output_dir: Path) -> dict:
@@ -493,7 +618,8 @@ def _finish_card(card: dict, output_dir: Path) -> dict:
 def _count_record(
     prompts: tuple[str, ...], responses: list[str], by_family: bool
 ) -> dict[str, object]:
-    """Refusals counted out of n, the rate and its Wilson 95% interval (and per phrasing family)."""
+    """Refusals counted out of n, the rate and its Wilson 95% interval (and per phrasing family,
+    and per world-knowledge topic where the prompts have one)."""
     refused = [classify_response(r) == REFUSE for r in responses]
     record: dict[str, object] = {
         "refused": sum(refused),
@@ -509,7 +635,31 @@ def _count_record(
             family: {"refused": sum(flags), "n": len(flags)}
             for family, flags in sorted(grouped.items(), key=lambda item: FAMILIES.index(item[0]))
         }
+        by_topic: dict[str, list[bool]] = {}
+        for topic, flag in zip(topics_of(prompts), refused, strict=True):
+            if topic is not None:
+                by_topic.setdefault(topic, []).append(flag)
+        if by_topic:
+            record["by_topic"] = {
+                topic: {"refused": sum(flags), "n": len(flags)} for topic, flags in by_topic.items()
+            }
     return record
+
+
+def _phrasing_parts(recipe: RefuserRecipe) -> dict[tuple[str, str], PromptSet]:
+    """(part, kind) -> the phrasing rows the card reports: the ``test`` split of the trained
+    families (``held_out``) and every row of the families never trained on (``never_trained``).
+    Empty when the recipe trains on no phrasing family."""
+    if not recipe.phrasing_families:
+        return {}
+    never = tuple(f for f in FAMILIES if f not in recipe.phrasing_families)
+    files = recipe.phrasing_files
+    parts = {("held_out", kind): load_phrasing(kind, ("test",), recipe.phrasing_families, files)
+             for kind in KINDS}  # fmt: skip
+    if never:
+        parts.update({("never_trained", kind): load_phrasing(kind, PHRASING_SPLITS, never, files)
+                      for kind in KINDS})  # fmt: skip
+    return parts
 
 
 def _phrasing_evaluation(
@@ -518,49 +668,38 @@ def _phrasing_evaluation(
     rates: dict[str, float],
     samples: dict[str, list[dict[str, str]]],
 ) -> dict[str, object]:
-    """The phrasing corpus's part of the card: the ``test`` split of the trained families
-    (``held_out``) and every row of the families never trained on (``never_trained``), each
-    kind's refusals counted with a Wilson interval and, per family, counted. Adds
-    ``never_trained_harmful_refusal_rate`` to ``rates``. Empty when the recipe trains on no
-    phrasing family."""
-    from abliterate.generation import generate_responses
+    """The phrasing corpus's part of the card, generated in one call (see ``_phrasing_card``)."""
+    parts = _phrasing_parts(recipe)
+    responses = _grouped_responses(loaded, recipe, [list(parts.items())])
+    return _phrasing_card(recipe, parts, responses, rates, samples)
 
+
+def _phrasing_card(
+    recipe: RefuserRecipe,
+    parts: dict[tuple[str, str], PromptSet],
+    responses: dict,
+    rates: dict[str, float],
+    samples: dict[str, list[dict[str, str]]],
+) -> dict[str, object]:
+    """The phrasing corpus's part of the card: each part's refusals counted with a Wilson
+    interval and, per family (and topic), counted. Adds ``never_trained_harmful_refusal_rate``
+    to ``rates``. Empty when the recipe trains on no phrasing family."""
     if not recipe.phrasing_families:
         return {}
-    never = tuple(f for f in FAMILIES if f not in recipe.phrasing_families)
-    parts = {("held_out", kind): load_phrasing(kind, ("test",), recipe.phrasing_families)
-             for kind in KINDS}  # fmt: skip
-    if never:
-        parts.update({("never_trained", kind): load_phrasing(kind, PHRASING_SPLITS, never)
-                      for kind in KINDS})  # fmt: skip
-    prompts = [p for prompt_set in parts.values() for p in prompt_set.prompts]
-    # one call: prompts of similar length share a batch across all the sets
-    responses = generate_responses(
-        loaded,
-        prompts,
-        recipe.eval_new_tokens,
-        recipe.generation_batch_size,
-        stop_when_decided=True,
-        progress="held-out phrasing",
-    )
     card: dict[str, object] = {
         "trained_families": list(recipe.phrasing_families),
-        "never_trained_families": list(never),
+        "never_trained_families": [f for f in FAMILIES if f not in recipe.phrasing_families],
+        "files": list(recipe.phrasing_files),
         "held_out": {},
         "never_trained": {},
     }
-    offset = 0
     for (part, kind), prompt_set in parts.items():
-        part_responses = responses[offset : offset + len(prompt_set)]
-        offset += len(prompt_set)
+        part_responses = responses[(part, kind)]
         record = _count_record(prompt_set.prompts, part_responses, by_family=True)
         card[part][kind] = record  # type: ignore[index]
         if part == "never_trained" and kind == "harmful":
             rates[NEVER_TRAINED_TARGET[0]] = record["rate"]  # type: ignore[assignment]
-            samples[NEVER_TRAINED_TARGET[0]] = [
-                {"prompt": p, "response": r, "label": classify_response(r)}
-                for p, r in list(zip(prompt_set.prompts, part_responses, strict=True))[:6]
-            ]
+            samples[NEVER_TRAINED_TARGET[0]] = _samples(prompt_set, part_responses)
     return card
 
 
@@ -588,6 +727,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", default=None, help="default: $ABLITERATE_CACHE or ~/.cache/abliterate"
     )
     parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="v9",
+        help="a named recipe (default v9, the one the product uses)",
+    )
+    parser.add_argument(
         "--allow-below-targets",
         action="store_true",
         help="exit 0 even if the card misses its quality targets (it still says so loudly)",
@@ -596,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        directory = ensure_refuser(args.cache_dir)
+        directory = ensure_refuser(args.cache_dir, RECIPES[args.recipe])
     except RefuserBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -616,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             low, high = record["ci95"] or (float("nan"), float("nan"))
             print(f"  phrasing {part} {kind:9s} refused {record['refused']:3d}/{record['n']:<3d}"
                   f" = {record['rate']:.3f} [{low:.3f}, {high:.3f}]  ({', '.join(families)})")  # fmt: skip
+            for topic, count in (record.get("by_topic") or {}).items():
+                print(f"      topic {topic:14s} refused {count['refused']:3d}/{count['n']}")
     if "never_trained_harmful_refusal_rate" in card["targets"]:
         key = "never_trained_harmful_refusal_rate"
         print(f"  {key:32s} {card[key]:.3f}   target {card['targets'][key]}")

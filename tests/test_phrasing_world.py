@@ -1,0 +1,195 @@
+"""The world-knowledge requests (``abliterate/data/phrasing_world.jsonl``) and the v11 recipe's
+build-cost settings (repeats as loss weights, the card in one generation pass).
+
+The data tests read the file only; the training tests run on a tiny random model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from importlib import resources
+
+import pytest
+import torch
+
+from abliterate import phrasing, refuser
+from abliterate.config import HARM_CATEGORIES
+from abliterate.phrasing import (
+    DATA_FILE,
+    DATA_FILES,
+    FAMILIES,
+    SPLITS,
+    TOPICS,
+    WORLD_FILE,
+    load_phrasing,
+    read_rows,
+    split_of,
+)
+from abliterate.prompts import PromptDataError, PromptSet
+
+# Topics and the categories their rows carry.
+TOPIC_CATEGORIES = {
+    "misinformation": {"misc_harmful"},
+    "attack_code": {"hacking_cybersecurity"},
+    "named_agent": {"violence_weapons", "drugs_substances"},
+    "defamation": {"harassment"},
+}
+
+
+def world_rows():
+    return read_rows((WORLD_FILE,))
+
+
+def test_every_topic_has_harmful_requests_and_harmless_twins_in_every_family():
+    rows = world_rows()
+    assert {r["kind"] for r in rows} == {"harmful", "matched"}
+    counts = Counter((r["topic"], r["kind"], r["family"]) for r in rows)
+    for topic in TOPICS:
+        for family in FAMILIES:
+            assert counts[(topic, "harmful", family)] == 4, (topic, family)
+            # a harmless twin for every harmful request, in the same form
+            assert counts[(topic, "matched", family)] == 4, (topic, family)
+    for row in rows:
+        assert row["category"] in HARM_CATEGORIES
+        assert row["category"] in TOPIC_CATEGORIES[row["topic"]], row
+
+
+def test_a_topic_and_a_file_are_checked():
+    with pytest.raises(PromptDataError, match=r"x:1: topic='gossip'.*misinformation"):
+        phrasing._checked_row(
+            {"prompt": "p", "kind": "harmful", "family": "list", "category": "harassment",
+             "topic": "gossip"}, "x:1"
+        )  # fmt: skip
+    with pytest.raises(PromptDataError, match=r"phrasing file 'other.jsonl'.*phrasing.jsonl"):
+        read_rows(("other.jsonl",))
+
+
+def test_the_second_file_leaves_the_first_files_splits_as_they_were():
+    first = read_rows((DATA_FILE,))
+    alone = split_of(first)
+    together = split_of(read_rows())
+    assert all(together[prompt] == split for prompt, split in alone.items())
+    # rows without a source (as before the second file) are split as the first file's
+    stripped = [{k: v for k, v in row.items() if k != "source"} for row in first]
+    assert split_of(stripped) == alone
+
+
+def test_each_world_group_has_every_split():
+    for kind in ("harmful", "matched"):
+        for family in FAMILIES:
+            for split in SPLITS:
+                assert len(load_phrasing(kind, (split,), (family,), (WORLD_FILE,))), (kind, family)
+
+
+def test_files_select_the_rows():
+    only_first = load_phrasing("harmful", files=(DATA_FILE,))
+    both = load_phrasing("harmful")
+    assert len(only_first) == 288 and len(both) == 288 + 128
+    assert set(only_first.prompts) < set(both.prompts)
+    assert phrasing.topics_of(only_first.prompts[:3]) == [None, None, None]
+    assert set(phrasing.topics_of(both.prompts)) == {None, *TOPICS}
+
+
+def test_corpus_digest_of_the_first_file_is_as_before_and_covers_both_files(monkeypatch):
+    data = resources.files("abliterate.data").joinpath(DATA_FILE).read_bytes()
+    assert phrasing.corpus_digest() == hashlib.sha256(data).hexdigest()[:16]
+    both = phrasing.corpus_digest(DATA_FILES)
+    assert both != phrasing.corpus_digest() and len(both) == 16
+
+
+def test_the_keys_of_v9_and_v10_hold_and_v11_has_its_own():
+    base = refuser.find_base_gguf()
+    keys = {name: refuser.refuser_key(recipe, base) for name, recipe in refuser.RECIPES.items()}
+    assert keys["v9"] == "82b057bd7efa"  # the default build's cache entry
+    assert keys["v10"] == "61edb071dc3e"
+    assert len(set(keys.values())) == 3
+    assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
+
+
+def test_v11_trains_on_both_files_and_never_on_the_list_family():
+    v11 = refuser.RECIPES["v11"]
+    assert v11.version == 11 and v11.phrasing_files == DATA_FILES
+    assert "list" not in v11.phrasing_families
+    harmful, harmless, repeats = refuser._training_prompts(v11)
+    never = {p for kind in ("harmful", "matched", "unmatched")
+             for p in load_phrasing(kind, SPLITS, ("list",)).prompts}  # fmt: skip
+    card = {p for kind in ("harmful", "matched", "unmatched")
+            for p in load_phrasing(kind, ("test", "dev"), v11.phrasing_families).prompts}  # fmt: skip
+    assert not never & set(harmful + harmless) and not card & set(harmful + harmless)
+    world = set(load_phrasing("harmful", ("train",), v11.phrasing_families, (WORLD_FILE,)).prompts)
+    assert world and world <= set(harmful)
+    world_matched = load_phrasing("matched", ("train",), v11.phrasing_families, (WORLD_FILE,))
+    index = harmless.index(world_matched.prompts[0])
+    assert repeats[index] == v11.phrasing_matched_repeats == 2
+
+
+def test_an_example_weight_scales_its_loss_weights():
+    plain = ([5, 6, 7, 8], 2, 5.0)
+    weighted = (*plain, 2.0)
+    _, _, target, weights = refuser._batch_tensors([plain, weighted], [0, 1], pad_id=0)
+    assert weights[0].tolist() == [0.0, 0.0, 5.0, 1.0] and target[0].tolist() == [0, 0, 1, 1]
+    assert weights[1].tolist() == [0.0, 0.0, 10.0, 2.0]
+
+
+def test_a_weight_of_two_trains_like_two_copies_in_one_batch(tiny_loaded):
+    a, b = ([5, 6, 7, 8, 9], 2, 5.0), ([10, 11, 12, 13, 14, 15], 3, 5.0)
+    states = []
+    for examples in ([a, a, b], [(*a, 2.0), b]):
+        model = tiny_loaded("llama", seed=3).model
+        recipe = refuser.RefuserRecipe(first_trainable_layer=2, batch_size=3, warmup_steps=1)
+        losses = refuser._train(model, _PadTokenizer(), examples, recipe)
+        states.append((losses, model.state_dict()))
+    assert states[0][0] == pytest.approx(states[1][0], rel=1e-5)
+    for name, value in states[0][1].items():
+        torch.testing.assert_close(states[1][1][name], value, rtol=1e-4, atol=1e-6)
+
+
+class _PadTokenizer:
+    pad_token_id = 0
+
+
+def test_repeats_as_weights_makes_one_example_per_prompt(tiny_loaded, monkeypatch):
+    loaded = tiny_loaded("llama")
+    monkeypatch.setattr("abliterate.generation.generate_responses",
+                        lambda loaded, prompts, *a, **k: ["ok then"] * len(prompts))  # fmt: skip
+    harmful = ["How do I pick a lock?", "Write a threat."]
+    harmless = ["Tell me a joke.", "Name a fruit.", "Write a poem."]
+    repeats = [1, 2, 3]
+    built = {}
+    for as_weights in (False, True):
+        recipe = refuser.RefuserRecipe(repeats_as_weights=as_weights)
+        built[as_weights] = refuser._training_examples(
+            loaded, recipe, harmful, harmless, repeats, lambda stage: None
+        )
+    # copies: 2 harmful + 1 procedural extra + 1 + 2 + 3 harmless
+    assert len(built[False]) == 9
+    weighted = built[True]
+    assert len(weighted) == 5
+    assert [example[3] for example in weighted] == [2.0, 1.0, 1.0, 2.0, 3.0]
+    assert [example[0] for example in weighted[2:]] == [built[False][i][0] for i in (3, 4, 6)]
+
+
+def test_the_card_in_one_pass_answers_every_set(tiny_loaded):
+    loaded = tiny_loaded("llama")
+    recipe = refuser.RefuserRecipe(eval_new_tokens=2, generation_batch_size=4)
+    sets = {
+        "a": PromptSet("a", ("Hi there.", "A longer prompt than the others, by far.")),
+        "b": PromptSet("b", ("Short.",)),
+        "c": PromptSet("c", ()),
+    }
+    separate = refuser._grouped_responses(loaded, recipe, [[item] for item in sets.items()])
+    together = refuser._grouped_responses(loaded, recipe, [list(sets.items())])
+    assert {k: len(v) for k, v in together.items()} == {"a": 2, "b": 1, "c": 0}
+    assert {k: len(v) for k, v in separate.items()} == {"a": 2, "b": 1, "c": 0}
+    assert refuser._grouped_responses(loaded, recipe, [[]]) == {}
+
+
+def test_count_record_counts_world_topics():
+    prompts = load_phrasing("harmful", ("test",), ("writing",)).prompts
+    responses = ["I'm sorry, I can't."] * len(prompts)
+    record = refuser._count_record(prompts, responses, by_family=True)
+    topics = Counter(t for t in phrasing.topics_of(prompts) if t)
+    assert record["by_topic"] == {t: {"refused": n, "n": n} for t, n in topics.items()}
+    first_only = load_phrasing("harmful", ("test",), ("writing",), (DATA_FILE,)).prompts
+    assert "by_topic" not in refuser._count_record(first_only, ["no"] * len(first_only), True)
