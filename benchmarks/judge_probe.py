@@ -25,17 +25,19 @@ change), so reruns are free.
 
 Model: multinomial logistic regression in torch (features standardised on the training rows,
 balanced class weights, L2 penalty ``lam * ||W||^2`` on the weights, not the bias, full-batch
-L-BFGS). ``lam`` is chosen by leave-one-set-out validation over the eight training sets
+L-BFGS). ``--cv`` prints the leave-one-set-out table over the eight training sets
 (A = judge_validation, B = judge_validation_b, C = judge_validation_c, dev = judge_dev, both
 splits, D = judge_validation_d, E = judge_validation_e, F = judge_validation_f, G =
-judge_train_g): train on seven, predict the eighth; A-D were written by different authors and E,
-F, G hold real outputs of the embedded model after edits, so this estimates transfer to a new
-author or a new sample of real outputs. History: v1 was trained on A-C and dev (held out: D, E,
-F), v2 on A-E and dev (held out: F), v3 on A-G and dev. The real-output set H
-(judge_validation_h) is read by no part of this script: it is the held-out set of v3. The development sets were ALL seen by the rules' authors,
-so the ``rules`` numbers on them are in-sample for the rules and are not an unseen-text estimate;
-the probe's held-out-set numbers are out-of-set for the probe only. Choosing ``lam`` on the same
-folds makes the chosen row slightly optimistic (the grid is small).
+judge_train_g) for each ``lam`` of a grid: train on seven, predict the eighth; A-D were written by
+different authors and E, F, G hold real outputs of the embedded model after edits, so this
+estimates transfer to a new author or a new sample of real outputs. ``--fit`` uses
+``DEFAULT_LAMBDA`` (or ``--lam``): 1e-4, the leave-one-set-out choice over four sets (v1) and
+over six (v2), kept for v3 without a new search. History: v1 was trained on A-C and dev (held
+out: D, E, F), v2 on A-E and dev (held out: F; its table is ``--cv`` at commit 2cc8525), v3 on
+A-G and dev. The real-output set H (judge_validation_h) is read by no part of this script: it is
+the held-out set of v3. The ``rules`` judge was developed with A, B, C and dev in view, so its
+figures on those are in-sample for it; D, E and F were held out for ``rules`` v4. Choosing ``lam``
+on the same folds makes the chosen row slightly optimistic (the grid is small).
 
 Usage (WANDB_MODE=offline HF_HUB_OFFLINE=1):
     .venv/bin/python benchmarks/judge_probe.py --cv
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help=f"write {PROBE_FILE.name} and its .json to DIR")  # fmt: skip
     parser.add_argument("--lam", type=float, default=None,
-                        help="L2 strength (default: the leave-one-set-out choice)")  # fmt: skip
+                        help="L2 strength (default: DEFAULT_LAMBDA, 1e-4)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.cv:
         return cv()

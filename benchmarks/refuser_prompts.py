@@ -31,6 +31,7 @@ from abliterate.classify import REFUSE, classify_response
 from abliterate.generation import generate_responses
 from abliterate.judge import build_judge
 from abliterate.models import LoadedModel, prepare_tokenizer
+from abliterate.phrasing import DATA_FILES as PHRASING_FILES
 from abliterate.phrasing import FAMILIES, KINDS, TOPICS, families_of, load_phrasing, topics_of
 from abliterate.prompts import load_prompt_set
 from abliterate.stats import compare_paired, wilson_interval
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--column", default="prompt", help="the prompt column of --file")
     parser.add_argument("--phrasing", choices=("train", "dev", "test"), default=None,
                         help="a split of the phrasing corpus (all kinds, all families)")  # fmt: skip
+    parser.add_argument("--phrasing-files", default=",".join(PHRASING_FILES),
+                        help="with --phrasing: the corpus files, comma-separated (default: all: "
+                             f"{','.join(PHRASING_FILES)}; {PHRASING_FILES[0]} alone is what "
+                             "recipes up to v10 were measured on)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         sets[Path(args.file).name] = load_prompt_set("file", config).prompts
     else:
         for kind in KINDS:
-            sets[kind] = load_phrasing(kind, (args.phrasing,)).prompts
+            files = tuple(args.phrasing_files.split(","))
+            sets[kind] = load_phrasing(kind, (args.phrasing,), files=files).prompts
     rules = build_judge({"name": "rules"})
     start = time.perf_counter()
     print(f"{directory} ({args.new_tokens} new tokens, greedy, no early stop)")
