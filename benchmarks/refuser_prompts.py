@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default=None,
                         help="an --out file of another model on the same prompts: McNemar")  # fmt: skip
     args = parser.parse_args(argv)
+    unknown = [f for f in args.phrasing_files.split(",") if f not in PHRASING_FILES]
+    if unknown:  # before the model loads
+        parser.error(f"--phrasing-files: {unknown[0]!r} is not a phrasing file; choose from "
+                     f"{', '.join(PHRASING_FILES)}")  # fmt: skip
     if (args.file is None) == (args.phrasing is None):
         parser.error("give exactly one of --file and --phrasing")
     directory = (
