@@ -64,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default=None,
                         help="an --out file of another model on the same prompts: McNemar")  # fmt: skip
     args = parser.parse_args(argv)
-    unknown = [f for f in args.phrasing_files.split(",") if f not in PHRASING_FILES]
+    phrasing_files = tuple(args.phrasing_files.split(","))
+    unknown = [f for f in phrasing_files if f not in PHRASING_FILES]
     if unknown:  # before the model loads
         parser.error(f"--phrasing-files: {unknown[0]!r} is not a phrasing file; choose from "
                      f"{', '.join(PHRASING_FILES)}")  # fmt: skip
+    if args.compare and not Path(args.compare).is_file():  # before minutes of generation
+        parser.error(f"--compare: {args.compare} is not a file")
     if (args.file is None) == (args.phrasing is None):
         parser.error("give exactly one of --file and --phrasing")
     directory = (
@@ -87,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         sets[Path(args.file).name] = load_prompt_set("file", config).prompts
     else:
         for kind in KINDS:
-            files = tuple(args.phrasing_files.split(","))
-            sets[kind] = load_phrasing(kind, (args.phrasing,), files=files).prompts
+            sets[kind] = load_phrasing(kind, (args.phrasing,), files=phrasing_files).prompts
     rules = build_judge({"name": "rules"})
     start = time.perf_counter()
     print(f"{directory} ({args.new_tokens} new tokens, greedy, no early stop)")

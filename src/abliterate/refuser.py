@@ -26,6 +26,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -494,12 +495,13 @@ def _training_examples(
     ]
     examples: list[Example]
     if recipe.repeats_as_weights:
-        # one example per harmful prompt, the procedural ones weighing 1 + their extra passes
-        extra = dict.fromkeys(procedural, recipe.procedural_harmful_repeats)
+        # one example per distinct harmful prompt, weighing as many as the copies it would have
+        # had: its passes (harmful_repeats) plus the procedural extra passes
+        passes = Counter(harmful_examples + procedural * recipe.procedural_harmful_repeats)
         examples = [
             (*_tokenize_example(tokenizer, chat_text, rng.choice(refusals), end_of_turn, weight),
-             1.0 + extra.get(chat_text, 0))
-            for chat_text in harmful_examples
+             float(count))
+            for chat_text, count in passes.items()
         ]  # fmt: skip
     else:
         harmful_examples += procedural * recipe.procedural_harmful_repeats
