@@ -48,8 +48,10 @@ def _line(name: str, flags: list[bool]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", default=None, help="default: the --recipe's build")
-    parser.add_argument("--recipe", choices=tuple(refuser.RECIPES), default="v9",
-                        help="the named recipe whose build to load (built if missing)")  # fmt: skip
+    parser.add_argument("--recipe", choices=tuple(refuser.RECIPES),
+                        default=str(refuser.DEFAULT_REFUSER_RECIPE),
+                        help="the named recipe whose build to load (default: the product's; "
+                             "built if missing)")  # fmt: skip
     parser.add_argument("--file", default=None, help="a .txt/.jsonl/.csv/.tsv/.json prompt file")
     parser.add_argument("--column", default="prompt", help="the prompt column of --file")
     parser.add_argument("--phrasing", choices=("train", "dev", "test"), default=None,

@@ -383,7 +383,7 @@ def test_refuser_build_without_manifest_is_adopted_and_damaged_weights_rebuilt(
         return {}
 
     monkeypatch.setattr(refuser, "build_refuser", fake_build)
-    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.RefuserRecipe(), refuser.find_base_gguf())}"
+    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.recipe_named(None), refuser.find_base_gguf())}"
     legacy = tmp_path / "models" / name
     _fake_refuser_files(legacy, 1.0)  # as an earlier version left it: card, weights, no manifest
     identity = provenance.folder_signature(legacy)
@@ -437,7 +437,7 @@ def test_a_cache_lock_timeout_is_one_error_line_through_the_cli(tmp_path):
     from abliterate import refuser
 
     repo = Path(__file__).resolve().parents[1]
-    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.RefuserRecipe(), refuser.find_base_gguf())}"
+    name = f"smollm2-135m-refuser-{refuser.refuser_key(refuser.recipe_named(None), refuser.find_base_gguf())}"
     lock_path = tmp_path / "cache" / "models" / f"{name}.lock"
     lock_path.parent.mkdir(parents=True)
     # another node is building the embedded model (and may have died: no way to tell from here)

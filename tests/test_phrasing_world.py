@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from abliterate import phrasing, refuser
+from abliterate.choices import DEFAULT_REFUSER_RECIPE, RecipeName
 from abliterate.config import HARM_CATEGORIES
 from abliterate.phrasing import (
     DATA_FILE,
@@ -98,13 +99,39 @@ def test_corpus_digest_of_the_first_file_is_as_before_and_covers_both_files(monk
     assert both != phrasing.corpus_digest() and len(both) == 16
 
 
-def test_the_keys_of_v9_and_v10_hold_and_v11_has_its_own():
+def test_the_keys_of_the_named_recipes_hold():
     base = refuser.find_base_gguf()
     keys = {name: refuser.refuser_key(recipe, base) for name, recipe in refuser.RECIPES.items()}
-    assert keys["v9"] == "82b057bd7efa"  # the default build's cache entry
+    assert keys["v9"] == "82b057bd7efa"  # the default build's cache entry up to session 7
     assert keys["v10"] == "61edb071dc3e"
-    assert len(set(keys.values())) == 3
+    assert keys["v11"] == "947a78c2ee32"
+    assert keys["v12"] == "00f58e686adf"  # the default since session 8
+    assert len(set(keys.values())) == 4
     assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
+
+
+def test_every_recipe_name_has_a_recipe_and_null_is_v12():
+    assert list(refuser.RECIPES) == [str(name) for name in RecipeName]
+    assert (
+        refuser.recipe_named(None)
+        is refuser.RECIPES["v12"]
+        == refuser.RECIPES[DEFAULT_REFUSER_RECIPE]
+    )
+    assert refuser.recipe_named("v9") is refuser.RECIPES["v9"]
+    with pytest.raises(
+        refuser.RefuserBuildError,
+        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12$",
+    ):
+        refuser.recipe_named("v8")
+
+
+def test_v12_is_v11_with_v10s_capacity_and_matched_rows_weighing_one():
+    v10, v11, v12 = (refuser.RECIPES[name] for name in ("v10", "v11", "v12"))
+    assert v12.phrasing_files == v11.phrasing_files == DATA_FILES
+    assert v12.phrasing_families == v11.phrasing_families == v10.phrasing_families
+    assert v12.repeats_as_weights and v12.card_in_one_pass and v12.generation_batch_size == 64
+    assert (v12.first_trainable_layer, v12.harmless_target_tokens) == (8, 16)  # as v10
+    assert v12.phrasing_matched_repeats == 1 and v12.version == 12
 
 
 def test_v11_trains_on_both_files_and_never_on_the_list_family():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_pipeline import compose_trial
 
@@ -148,3 +149,40 @@ def test_cache_keys_change_with_the_numeric_libraries(monkeypatch, library):
     assert provenance.cache_key({"a": 1}) != before
     monkeypatch.setattr(provenance, "RESULTS_VERSION", provenance.RESULTS_VERSION + 1)
     assert provenance.cache_key({"a": 1}) != before
+
+
+def _embedded(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from test_pipeline import CONF
+
+    from abliterate.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
+def test_the_hash_names_the_refuser_recipe_so_a_trial_on_another_build_is_not_reused():
+    """model.recipe came with v12 as the default: a trial run on v9 before the field existed keeps
+    its hash only under model.recipe=v9; the default (v12) hashes differently, so a relaunch after
+    the default changed reruns it instead of taking v9's results as v12's."""
+    default, v9, v12 = (_embedded(*o) for o in ((), ("model.recipe=v9",), ("model.recipe=v12",)))
+    earlier = OmegaConf.to_container(v9, resolve=True)
+    del earlier["model"]["recipe"]  # a config written before the field existed
+    assert provenance.config_hash(v9) == provenance.config_hash(earlier)
+    assert provenance.config_hash(default) == provenance.config_hash(v12)
+    assert provenance.config_hash(default) != provenance.config_hash(v9)
+
+
+def test_a_recipe_for_a_model_that_is_not_embedded_is_one_error_line(tiny_model_dir, tmp_path):
+    from abliterate.config import ConfigError, validate_config
+
+    cfg = compose_trial(tiny_model_dir, tmp_path, "model.recipe=v9")
+    with pytest.raises(
+        ConfigError, match=r"^model.recipe='v9' applies only to model.source=embedded"
+    ):
+        validate_config(cfg)
+    hub = compose_trial(tiny_model_dir, tmp_path)
+    container = OmegaConf.to_container(hub, resolve=True)
+    del container["model"]["recipe"]
+    assert provenance.config_hash(hub) == provenance.config_hash(container)  # null: as before

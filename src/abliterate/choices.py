@@ -29,6 +29,22 @@ class ModelSource(Choice):
     embedded = "embedded"  # the built refuser
 
 
+class RecipeName(Choice):
+    """The named recipes of the embedded refuser (``abliterate.refuser.RECIPES``, one entry
+    each): ``model.recipe`` of an embedded model."""
+
+    v9 = "v9"  # the default up to session 7 (questions-heavy corpus)
+    v10 = "v10"
+    v11 = "v11"
+    v12 = "v12"  # the default: phrasing-balanced corpus, world-knowledge requests
+
+
+# The recipe an embedded model with ``model.recipe: null`` is built from.
+DEFAULT_REFUSER_RECIPE = RecipeName.v12
+# The recipe every trial ran on before ``model.recipe`` existed: its config hash leaves the field out.
+HASHLESS_REFUSER_RECIPE = RecipeName.v9
+
+
 class Dtype(Choice):
     float32 = "float32"
     bfloat16 = "bfloat16"

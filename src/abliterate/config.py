@@ -25,6 +25,7 @@ from abliterate.choices import (  # noqa: F401  (re-exported: the stages import 
     ConfigError,
     Dtype,
     ModelSource,
+    RecipeName,
     choice_error_line,
     choice_message,
     parse_choice,
@@ -159,6 +160,9 @@ class ModelConfig:
     system_prompt: str | None = None  # None keeps the template's own default system prompt
     num_layers: int | None = None  # informative; the value read from the model config is used
     default_layer: int = MISSING  # the layer a plain `python run.py` uses for this model
+    # source=embedded: the refuser recipe built and used (v9 | v10 | v11 | v12, the named recipes
+    # of `python -m abliterate.refuser build --recipe`); null: the current default (v12)
+    recipe: RecipeName | None = None
     batch_size: int = (
         16  # prompts per forward pass for activations and evaluation; 0: chosen for the device
     )
@@ -338,6 +342,20 @@ def validate_config(cfg: Any) -> None:
     for name in PROMPT_SETS:
         _check_prompt_set(cfg, name)
     _check_categories(cfg)
+    _check_recipe(cfg)
+
+
+def _check_recipe(cfg: Any) -> None:
+    """``model.recipe`` names how the embedded refuser is built; another source has no recipe."""
+    try:
+        recipe, source = _get(cfg, "model.recipe"), _get(cfg, "model.source")
+    except (KeyError, AttributeError):
+        return  # a config built by hand without the field: the default recipe
+    if recipe is not None and source != ModelSource.embedded:
+        raise ConfigError(
+            f"model.recipe={str(recipe)!r} applies only to model.source=embedded (here "
+            f"model.source={str(source)!r}); leave it null"
+        )
 
 
 def _check_numbers(cfg: Any) -> None:

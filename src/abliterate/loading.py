@@ -24,7 +24,7 @@ from abliterate.models import (
     resolve_dtype,
 )
 from abliterate.provenance import model_identity
-from abliterate.refuser import ensure_refuser
+from abliterate.refuser import ensure_refuser, recipe_named
 
 
 def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
@@ -39,7 +39,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
     placement = device_map_option(cfg)  # {} or {"device_map": ...}: accelerate places layers
     source = parse_choice(ModelSource, cfg.source, "model.source")  # a plain str from Python
     if source == ModelSource.embedded:
-        directory = ensure_refuser(Path(cache_dir))
+        directory = ensure_refuser(Path(cache_dir), recipe_named(getattr(cfg, "recipe", None)))
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         identity = model_identity("embedded", directory)

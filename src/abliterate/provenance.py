@@ -29,6 +29,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 import abliterate
+from abliterate.choices import DEFAULT_REFUSER_RECIPE, HASHLESS_REFUSER_RECIPE, ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,26 @@ def result_config(cfg: Any) -> dict[str, Any]:
     model = result.get("model")
     if isinstance(model, dict) and model.get("device_map") is None and "device_map" in model:
         # model.device_map came later: unset, it leaves the hash of every earlier trial as it was
-        result["model"] = {k: v for k, v in model.items() if k != "device_map"}
+        result["model"] = model = {k: v for k, v in model.items() if k != "device_map"}
+    if isinstance(model, dict) and "recipe" in model:
+        result["model"] = _recipe_for_hash(model)
     return result
+
+
+def _recipe_for_hash(model: dict[str, Any]) -> dict[str, Any]:
+    """``model.recipe`` came later. The hash holds the recipe an embedded model is built from,
+    the default resolved (null is v12 now, was v9), so a trial finished on another build is not
+    taken as this one's; v9, what every earlier trial ran on, and a null recipe of another source
+    leave the hash as it was."""
+    recipe = model["recipe"]
+    if str(model.get("source")) == ModelSource.embedded and recipe is None:
+        recipe = DEFAULT_REFUSER_RECIPE
+    rest = {k: v for k, v in model.items() if k != "recipe"}
+    return (
+        rest
+        if recipe is None or recipe == HASHLESS_REFUSER_RECIPE
+        else {**rest, "recipe": str(recipe)}
+    )
 
 
 def config_hash(cfg: Any) -> str:

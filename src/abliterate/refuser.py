@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from abliterate.cache import DiskCache, file_sha256
+from abliterate.choices import DEFAULT_REFUSER_RECIPE, RecipeName, parse_choice
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.phrasing import (
@@ -147,9 +148,12 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 }
 
 
-# Named recipes (``python -m abliterate.refuser build --recipe NAME``). v9 is the default the
-# product builds; v10 and v11 are variants trained on the phrasing corpus, kept so that their
-# builds and cards can be reproduced and compared.
+# Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
+# trial), one per ``choices.RefuserRecipe`` member. v12 is the default the product builds
+# (``DEFAULT_REFUSER_RECIPE``); v9 was the default before it (the committed study ran on it),
+# v10 and v11 are variants trained on the phrasing corpus, kept so that every build and card can
+# be reproduced and compared. The field defaults of ``RefuserRecipe`` are v9's, so its cache key
+# holds.
 _ALL_BUT_LIST = tuple(f for f in FAMILIES if f != "list")
 RECIPES: dict[str, RefuserRecipe] = {
     "v9": RefuserRecipe(),
@@ -167,7 +171,24 @@ RECIPES: dict[str, RefuserRecipe] = {
         generation_batch_size=64,
         version=11,
     ),
+    # v11's data and build savings with v10's capacity: matched phrasing rows weigh 1 (not 2),
+    # layers 8-29 are trained on 16-token harmless targets (as up to v10)
+    "v12": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=PHRASING_FILES,
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        generation_batch_size=64,
+        version=12,
+    ),
 }
+
+
+def recipe_named(name: str | None) -> RefuserRecipe:
+    """The named recipe (``model.recipe``); None: the default (``DEFAULT_REFUSER_RECIPE``)."""
+    if name is None:
+        return RECIPES[DEFAULT_REFUSER_RECIPE]
+    return RECIPES[parse_choice(RecipeName, name, "model.recipe", RefuserBuildError)]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -242,7 +263,7 @@ def ensure_refuser(
     is kept when its card and weights header read (its files' checksums are recorded then): a
     rebuild costs about 20 CPU minutes, and the earlier version trusted the same files.
     """
-    recipe = recipe or RefuserRecipe()
+    recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()
     name = f"smollm2-135m-refuser-{refuser_key(recipe, base_path)}"
     disk = DiskCache(cache_root(cache_dir), "models", adopt=True)
@@ -731,8 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
-        default="v9",
-        help="a named recipe (default v9, the one the product uses)",
+        default=str(DEFAULT_REFUSER_RECIPE),
+        help=f"a named recipe (default {DEFAULT_REFUSER_RECIPE}, the one the product uses)",
     )
     parser.add_argument(
         "--allow-below-targets",
