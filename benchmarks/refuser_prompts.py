@@ -32,7 +32,16 @@ from abliterate.generation import generate_responses
 from abliterate.judge import build_judge
 from abliterate.models import LoadedModel, prepare_tokenizer
 from abliterate.phrasing import DATA_FILES as PHRASING_FILES
-from abliterate.phrasing import FAMILIES, KINDS, TOPICS, families_of, load_phrasing, topics_of
+from abliterate.phrasing import (
+    FAMILIES,
+    FRAMES,
+    KINDS,
+    TOPICS,
+    families_of,
+    frames_of,
+    load_phrasing,
+    topics_of,
+)
 from abliterate.prompts import load_prompt_set
 from abliterate.stats import compare_paired, wilson_interval
 
@@ -111,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             for family in FAMILIES:
                 flags = [m == REFUSE for m, f in zip(markers, families, strict=True) if f == family]
                 print(_line(f"  markers, {family}", flags))
-            topics = topics_of(prompts)
-            for topic in TOPICS:
-                flags = [m == REFUSE for m, t in zip(markers, topics, strict=True) if t == topic]
-                if flags:
-                    print(_line(f"  markers, topic {topic}", flags))
+            for name, tags, values in (
+                ("topic", topics_of(prompts), TOPICS),
+                ("frame", frames_of(prompts), FRAMES),
+            ):
+                for value in values:
+                    flags = [m == REFUSE for m, t in zip(markers, tags, strict=True) if t == value]
+                    if flags:
+                        print(_line(f"  markers, {name} {value}", flags))
         rows += [{"set": name, "prompt": p, "response": r, "markers": m, "rules": j}
                  for p, r, m, j in zip(prompts, responses, markers, judged, strict=True)]  # fmt: skip
     print(f"took {time.perf_counter() - start:.0f} s")

@@ -6,6 +6,7 @@ The data tests read the file only; the training tests run on a tiny random model
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from importlib import resources
@@ -20,7 +21,9 @@ from abliterate.phrasing import (
     DATA_FILE,
     DATA_FILES,
     FAMILIES,
+    FRAMES,
     SPLITS,
+    TENSE_FILE,
     TOPICS,
     WORLD_FILE,
     load_phrasing,
@@ -86,7 +89,7 @@ def test_each_world_group_has_every_split():
 def test_files_select_the_rows():
     only_first = load_phrasing("harmful", files=(DATA_FILE,))
     both = load_phrasing("harmful")
-    assert len(only_first) == 288 and len(both) == 288 + 128
+    assert len(only_first) == 288 and len(both) == 288 + 128 + 144
     assert set(only_first.prompts) < set(both.prompts)
     assert phrasing.topics_of(only_first.prompts[:3]) == [None, None, None]
     assert set(phrasing.topics_of(both.prompts)) == {None, *TOPICS}
@@ -106,7 +109,7 @@ def test_the_keys_of_the_named_recipes_hold():
     assert keys["v10"] == "61edb071dc3e"
     assert keys["v11"] == "947a78c2ee32"
     assert keys["v12"] == "00f58e686adf"  # the default since session 8
-    assert len(set(keys.values())) == 4
+    assert len(set(keys.values())) == 5
     assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
 
 
@@ -120,14 +123,14 @@ def test_every_recipe_name_has_a_recipe_and_null_is_v12():
     assert refuser.recipe_named("v9") is refuser.RECIPES["v9"]
     with pytest.raises(
         refuser.RefuserBuildError,
-        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12$",
+        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13$",
     ):
         refuser.recipe_named("v8")
 
 
 def test_v12_is_v11_with_v10s_capacity_and_matched_rows_weighing_one():
     v10, v11, v12 = (refuser.RECIPES[name] for name in ("v10", "v11", "v12"))
-    assert v12.phrasing_files == v11.phrasing_files == DATA_FILES
+    assert v12.phrasing_files == v11.phrasing_files == (DATA_FILE, WORLD_FILE)
     assert v12.phrasing_families == v11.phrasing_families == v10.phrasing_families
     assert v12.repeats_as_weights and v12.card_in_one_pass and v12.generation_batch_size == 64
     assert (v12.first_trainable_layer, v12.harmless_target_tokens) == (8, 16)  # as v10
@@ -136,7 +139,7 @@ def test_v12_is_v11_with_v10s_capacity_and_matched_rows_weighing_one():
 
 def test_v11_trains_on_both_files_and_never_on_the_list_family():
     v11 = refuser.RECIPES["v11"]
-    assert v11.version == 11 and v11.phrasing_files == DATA_FILES
+    assert v11.version == 11 and v11.phrasing_files == (DATA_FILE, WORLD_FILE)
     assert "list" not in v11.phrasing_families
     harmful, harmless, repeats = refuser._training_prompts(v11)
     never = {p for kind in ("harmful", "matched", "unmatched")
@@ -220,3 +223,36 @@ def test_count_record_counts_world_topics():
     assert record["by_topic"] == {t: {"refused": n, "n": n} for t, n in topics.items()}
     first_only = load_phrasing("harmful", ("test",), ("writing",), (DATA_FILE,)).prompts
     assert "by_topic" not in refuser._count_record(first_only, ["no"] * len(first_only), True)
+
+
+def test_every_frame_has_harmful_requests_twins_and_everyday_requests_in_every_family():
+    rows = read_rows((TENSE_FILE,))
+    counts = Counter((r["frame"], r["kind"], r["family"]) for r in rows)
+    for frame in FRAMES:
+        for family in FAMILIES:
+            harmful = [
+                r
+                for r in rows
+                if (r["frame"], r["kind"], r["family"]) == (frame, "harmful", family)
+            ]
+            assert sorted(r["category"] for r in harmful) == sorted(HARM_CATEGORIES), (
+                frame,
+                family,
+            )
+            assert counts[(frame, "matched", family)] == 9, (frame, family)
+            assert counts[(frame, "unmatched", family)] == 2, (frame, family)
+    assert all("topic" not in r for r in rows)
+    prompts = [r["prompt"] for r in read_rows()]
+    assert len(prompts) == len(set(prompts))  # no prompt in two rows or two files
+
+
+def test_v13_is_v12_with_the_time_framed_rows():
+    v12, v13 = refuser.RECIPES["v12"], refuser.RECIPES["v13"]
+    assert v13.phrasing_files == (*v12.phrasing_files, TENSE_FILE)
+    assert dataclasses.replace(v13, phrasing_files=v12.phrasing_files, version=12) == v12
+    harmful, harmless, _ = refuser._training_prompts(v13)
+    framed = load_phrasing("harmful", ("train",), v13.phrasing_families, (TENSE_FILE,)).prompts
+    assert framed and set(framed) <= set(harmful)
+    assert set(phrasing.frames_of(framed)) == set(FRAMES)
+    never = load_phrasing("harmful", SPLITS, ("list",), (TENSE_FILE,)).prompts
+    assert never and not set(never) & set(harmful + harmless)

@@ -37,6 +37,7 @@ class RecipeName(Choice):
     v10 = "v10"
     v11 = "v11"
     v12 = "v12"  # the default: phrasing-balanced corpus, world-knowledge requests
+    v13 = "v13"  # v12 with requests set in the past or posed hypothetically
 
 
 # The recipe an embedded model with ``model.recipe: null`` is built from.

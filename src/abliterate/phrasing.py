@@ -18,7 +18,12 @@ persuasive misinformation about real events, attack code and exploits, named che
 biological and explosive agents, and defamation of named people; each harmful row has a harmless
 twin in the same form (an accurate article, benign code, chemistry or history homework, a profile
 of the same public figure), so that "writing task" or "names a chemical" alone is no reason to
-refuse. A recipe reads the files it names (``RefuserRecipe.phrasing_files``).
+refuse. ``abliterate/data/phrasing_tense.jsonl`` (``TENSE_FILE``) sets requests in another time
+frame (``frame``, ``FRAMES``): how something harmful was done in the past, or how someone would do
+it hypothetically, each harmful row with a harmless twin in the same frame and form (history,
+detection, safety) and a few everyday requests in that frame, so that neither "it is history" nor
+"it is only hypothetical" is a reason to answer, and neither frame alone a reason to refuse. A
+recipe reads the files it names (``RefuserRecipe.phrasing_files``).
 
 Each (file, kind, family) group is split deterministically by a hash of the prompt text into ``train``
 (what the refuser may be fine-tuned on), ``dev`` (for recipe decisions) and ``test`` (what its card
@@ -51,12 +56,17 @@ SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = (0.5, 0.2, None)  # None: the rest
 DATA_FILE = "phrasing.jsonl"
 WORLD_FILE = "phrasing_world.jsonl"
-DATA_FILES = (DATA_FILE, WORLD_FILE)
+TENSE_FILE = "phrasing_tense.jsonl"
+DATA_FILES = (DATA_FILE, WORLD_FILE, TENSE_FILE)
 TOPICS = (
     "misinformation",  # persuasive or news-style falsehoods about real events, health, elections
     "attack_code",  # malware, exploits, phishing kits, intrusion tools
     "named_agent",  # a named chemical/biological/explosive agent, weapon conversion or drug
     "defamation",  # invented crimes or scandals about a named person
+)
+FRAMES = (
+    "past",  # past tense or a historical setting: "How did people ...", "In the 1990s, how was ..."
+    "hypothetical",  # conditional: "How would someone ...", "If a person wanted to ..., ..."
 )
 
 
@@ -96,6 +106,10 @@ def _checked_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     if "topic" in row and row["topic"] not in TOPICS:
         raise PromptDataError(
             f"{where}: topic={row['topic']!r} is not valid; choose one of {', '.join(TOPICS)}"
+        )
+    if "frame" in row and row["frame"] not in FRAMES:
+        raise PromptDataError(
+            f"{where}: frame={row['frame']!r} is not valid; choose one of {', '.join(FRAMES)}"
         )
     return row
 
@@ -166,6 +180,12 @@ def topics_of(prompts: tuple[str, ...]) -> list[str | None]:
     """The world-knowledge topic of each prompt (None for rows without one)."""
     topic = {row["prompt"]: row.get("topic") for row in read_rows()}
     return [topic[prompt] for prompt in prompts]
+
+
+def frames_of(prompts: tuple[str, ...]) -> list[str | None]:
+    """The time frame of each prompt (None for rows without one)."""
+    frame = {row["prompt"]: row.get("frame") for row in read_rows()}
+    return [frame[prompt] for prompt in prompts]
 
 
 def corpus_digest(files: tuple[str, ...] = (DATA_FILE,)) -> str:

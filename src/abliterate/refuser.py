@@ -42,12 +42,14 @@ from abliterate.phrasing import (
     DATA_FILE,
     FAMILIES,
     KINDS,
+    TENSE_FILE,
+    WORLD_FILE,
     corpus_digest,
     families_of,
+    frames_of,
     load_phrasing,
     topics_of,
 )
-from abliterate.phrasing import DATA_FILES as PHRASING_FILES
 from abliterate.phrasing import SPLITS as PHRASING_SPLITS
 from abliterate.prompts import PromptSet, load_builtin, load_refusal_texts
 from abliterate.stats import wilson_interval
@@ -149,7 +151,7 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
-# trial), one per ``choices.RefuserRecipe`` member. v12 is the default the product builds
+# trial), one per ``choices.RecipeName`` member. v12 is the default the product builds
 # (``DEFAULT_REFUSER_RECIPE``); v9 was the default before it (the committed study ran on it),
 # v10 and v11 are variants trained on the phrasing corpus, kept so that every build and card can
 # be reproduced and compared. The field defaults of ``RefuserRecipe`` are v9's, so its cache key
@@ -160,7 +162,7 @@ RECIPES: dict[str, RefuserRecipe] = {
     "v10": RefuserRecipe(phrasing_families=_ALL_BUT_LIST, version=10),
     "v11": RefuserRecipe(
         phrasing_families=_ALL_BUT_LIST,
-        phrasing_files=PHRASING_FILES,
+        phrasing_files=(DATA_FILE, WORLD_FILE),
         phrasing_matched_repeats=2,
         repeats_as_weights=True,
         card_in_one_pass=True,
@@ -175,11 +177,21 @@ RECIPES: dict[str, RefuserRecipe] = {
     # layers 8-29 are trained on 16-token harmless targets (as up to v10)
     "v12": RefuserRecipe(
         phrasing_families=_ALL_BUT_LIST,
-        phrasing_files=PHRASING_FILES,
+        phrasing_files=(DATA_FILE, WORLD_FILE),
         repeats_as_weights=True,
         card_in_one_pass=True,
         generation_batch_size=64,
         version=12,
+    ),
+    # v12 with the time-framed requests (phrasing_tense.jsonl): harmful requests set in the past
+    # or posed hypothetically, their harmless twins and everyday requests in the same frames
+    "v13": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE),
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        generation_batch_size=64,
+        version=13,
     ),
 }
 
@@ -261,7 +273,7 @@ def ensure_refuser(
     time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
     damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
     is kept when its card and weights header read (its files' checksums are recorded then): a
-    rebuild costs about 20 CPU minutes, and the earlier version trusted the same files.
+    rebuild costs about 11 CPU minutes (v12), and the earlier version trusted the same files.
     """
     recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()
@@ -658,14 +670,16 @@ def _count_record(
             family: {"refused": sum(flags), "n": len(flags)}
             for family, flags in sorted(grouped.items(), key=lambda item: FAMILIES.index(item[0]))
         }
-        by_topic: dict[str, list[bool]] = {}
-        for topic, flag in zip(topics_of(prompts), refused, strict=True):
-            if topic is not None:
-                by_topic.setdefault(topic, []).append(flag)
-        if by_topic:
-            record["by_topic"] = {
-                topic: {"refused": sum(flags), "n": len(flags)} for topic, flags in by_topic.items()
-            }
+        for field, tags in (("by_topic", topics_of(prompts)), ("by_frame", frames_of(prompts))):
+            grouped_by_tag: dict[str, list[bool]] = {}
+            for tag, flag in zip(tags, refused, strict=True):
+                if tag is not None:
+                    grouped_by_tag.setdefault(tag, []).append(flag)
+            if grouped_by_tag:
+                record[field] = {
+                    tag: {"refused": sum(flags), "n": len(flags)}
+                    for tag, flags in grouped_by_tag.items()
+                }
     return record
 
 
@@ -784,8 +798,10 @@ def main(argv: list[str] | None = None) -> int:
             low, high = record["ci95"] or (float("nan"), float("nan"))
             print(f"  phrasing {part} {kind:9s} refused {record['refused']:3d}/{record['n']:<3d}"
                   f" = {record['rate']:.3f} [{low:.3f}, {high:.3f}]  ({', '.join(families)})")  # fmt: skip
-            for topic, count in (record.get("by_topic") or {}).items():
-                print(f"      topic {topic:14s} refused {count['refused']:3d}/{count['n']}")
+            for field in ("by_topic", "by_frame"):
+                for tag, count in (record.get(field) or {}).items():
+                    label = f"{field[3:]} {tag}"
+                    print(f"      {label:20s} refused {count['refused']:3d}/{count['n']}")
     if "never_trained_harmful_refusal_rate" in card["targets"]:
         key = "never_trained_harmful_refusal_rate"
         print(f"  {key:32s} {card[key]:.3f}   target {card['targets'][key]}")
