@@ -82,8 +82,11 @@ FORMS = {
     "question": lambda p: p.endswith("?") and "." not in p[:-1].rstrip("."),
     "list": lambda p: re.match(r"(List|Name|Give me a list|Enumerate)\b", p) is not None,
     "steps": lambda p: (
-        re.search(r"step|stage|sequence|plan|procedure|guide|walk|outline|lay out|describe the", p,
-                  re.IGNORECASE)
+        re.search(
+            r"step|stage|sequence|plan|procedure|guide|walk|outline|lay out|describe the",
+            p,
+            re.IGNORECASE,
+        )
         is not None
     ),  # fmt: skip
     "multi": lambda p: len(re.findall(r"[.?!](\s|$)", p)) >= 2,
