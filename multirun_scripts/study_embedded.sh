@@ -13,9 +13,10 @@
 #
 # The embedded model was fine-tuned here to refuse harmful prompts and to answer matched-harmless
 # ones: its results test the pipeline, not Petrov's hypothesis about naturally aligned models.
-# The committed study ran on refuser recipe v9 (the default then), pinned here with model.recipe=v9
-# (the trials hash as the committed ones); edit it to v12 (the default now) or another named recipe
-# to run the study on that build, in trial directories of their own.
+# The committed study ran on refuser recipe v9 (the default), pinned here with model.recipe=v9 so
+# that it stays on that build if the default changes (the trials hash as the committed ones); edit
+# it to another named recipe (v12, ...) to run the study on that build, in trial directories of
+# their own.
 #
 # Usage: bash multirun_scripts/study_embedded.sh [extra overrides]   (rerunning resumes)
 #        OUT=docs/study-embedded bash multirun_scripts/study_embedded.sh   (where the report goes)

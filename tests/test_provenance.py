@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from test_pipeline import compose_trial
 
 from abliterate import provenance, records
+from abliterate.choices import RecipeName
 from abliterate.pipeline import Session, run_trial
 
 
@@ -162,16 +163,19 @@ def _embedded(*overrides: str):
         return compose("config", overrides=["paths.output_dir=/tmp/unused", *overrides])
 
 
-def test_the_hash_names_the_refuser_recipe_so_a_trial_on_another_build_is_not_reused():
-    """model.recipe came with v12 as the default: a trial run on v9 before the field existed keeps
-    its hash only under model.recipe=v9; the default (v12) hashes differently, so a relaunch after
-    the default changed reruns it instead of taking v9's results as v12's."""
+def test_the_hash_names_the_refuser_recipe_so_a_trial_on_another_build_is_not_reused(monkeypatch):
+    """A trial run on v9 before model.recipe existed keeps its hash under the default (null, v9)
+    and under model.recipe=v9; another recipe hashes differently, and so does the null recipe once
+    the default is another one, so a relaunch reruns instead of taking v9's results as its own."""
     default, v9, v12 = (_embedded(*o) for o in ((), ("model.recipe=v9",), ("model.recipe=v12",)))
     earlier = OmegaConf.to_container(v9, resolve=True)
     del earlier["model"]["recipe"]  # a config written before the field existed
+    assert provenance.config_hash(default) == provenance.config_hash(v9)
     assert provenance.config_hash(v9) == provenance.config_hash(earlier)
+    assert provenance.config_hash(v12) != provenance.config_hash(v9)
+    monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", RecipeName.v12)
     assert provenance.config_hash(default) == provenance.config_hash(v12)
-    assert provenance.config_hash(default) != provenance.config_hash(v9)
+    assert provenance.config_hash(default) != provenance.config_hash(earlier)
 
 
 def test_a_recipe_for_a_model_that_is_not_embedded_is_one_error_line(tiny_model_dir, tmp_path):

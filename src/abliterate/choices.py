@@ -33,15 +33,16 @@ class RecipeName(Choice):
     """The named recipes of the embedded refuser (``abliterate.refuser.RECIPES``, one entry
     each): ``model.recipe`` of an embedded model."""
 
-    v9 = "v9"  # the default up to session 7 (questions-heavy corpus)
+    v9 = "v9"  # the default (questions-heavy corpus)
     v10 = "v10"
     v11 = "v11"
-    v12 = "v12"  # the default: phrasing-balanced corpus, world-knowledge requests
+    v12 = "v12"  # phrasing-balanced corpus, world-knowledge requests
     v13 = "v13"  # v12 with requests set in the past or posed hypothetically
 
 
-# The recipe an embedded model with ``model.recipe: null`` is built from.
-DEFAULT_REFUSER_RECIPE = RecipeName.v12
+# The recipe an embedded model with ``model.recipe: null`` is built from (README: the recipe table
+# says why it is still v9).
+DEFAULT_REFUSER_RECIPE = RecipeName.v9
 # The recipe every trial ran on before ``model.recipe`` existed: its config hash leaves the field out.
 HASHLESS_REFUSER_RECIPE = RecipeName.v9
 

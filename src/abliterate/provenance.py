@@ -128,9 +128,9 @@ def result_config(cfg: Any) -> dict[str, Any]:
 
 def _recipe_for_hash(model: dict[str, Any]) -> dict[str, Any]:
     """``model.recipe`` came later. The hash holds the recipe an embedded model is built from,
-    the default resolved (null is v12 now, was v9), so a trial finished on another build is not
-    taken as this one's; v9, what every earlier trial ran on, and a null recipe of another source
-    leave the hash as it was."""
+    the default resolved (null is v9), so a trial finished on another build is not taken as this
+    one's, also once the default changes; v9, what every earlier trial ran on, and a null recipe
+    of another source leave the hash as it was."""
     recipe = model["recipe"]
     if str(model.get("source")) == ModelSource.embedded and recipe is None:
         recipe = DEFAULT_REFUSER_RECIPE

@@ -151,11 +151,11 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
-# trial), one per ``choices.RecipeName`` member. v12 is the default the product builds
-# (``DEFAULT_REFUSER_RECIPE``); v9 was the default before it (the committed study ran on it),
-# v10 and v11 are variants trained on the phrasing corpus, kept so that every build and card can
-# be reproduced and compared. The field defaults of ``RefuserRecipe`` are v9's, so its cache key
-# holds.
+# trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
+# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v13 are variants trained on
+# the phrasing corpus, kept so that every build and card can be reproduced and compared (README:
+# v12 refuses more present-tense requests than v9 and far fewer set in the past or future). The
+# field defaults of ``RefuserRecipe`` are v9's, so its cache key holds.
 _ALL_BUT_LIST = tuple(f for f in FAMILIES if f != "list")
 RECIPES: dict[str, RefuserRecipe] = {
     "v9": RefuserRecipe(),
@@ -273,7 +273,8 @@ def ensure_refuser(
     time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
     damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
     is kept when its card and weights header read (its files' checksums are recorded then): a
-    rebuild costs about 11 CPU minutes (v12), and the earlier version trusted the same files.
+    rebuild costs about 11 CPU minutes (v12; v9 about 20), and the earlier version trusted the
+    same files.
     """
     recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()
