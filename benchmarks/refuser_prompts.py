@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phrasing-files", default=",".join(PHRASING_FILES),
                         help="with --phrasing: the corpus files, comma-separated (default: all: "
                              f"{','.join(PHRASING_FILES)}; {PHRASING_FILES[0]} alone is what "
-                             "recipes up to v10 were measured on)")  # fmt: skip
+                             "recipes up to v10 were measured on; the first two, what v11-v12 "
+                             "were decided on)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
@@ -120,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             for family in FAMILIES:
                 flags = [m == REFUSE for m, f in zip(markers, families, strict=True) if f == family]
                 print(_line(f"  markers, {family}", flags))
-            for name, tags, values in (
+            for tag_name, tags, values in (
                 ("topic", topics_of(prompts), TOPICS),
                 ("frame", frames_of(prompts), FRAMES),
             ):
                 for value in values:
                     flags = [m == REFUSE for m, t in zip(markers, tags, strict=True) if t == value]
                     if flags:
-                        print(_line(f"  markers, {name} {value}", flags))
+                        print(_line(f"  markers, {tag_name} {value}", flags))
         rows += [{"set": name, "prompt": p, "response": r, "markers": m, "rules": j}
                  for p, r, m, j in zip(prompts, responses, markers, judged, strict=True)]  # fmt: skip
     print(f"took {time.perf_counter() - start:.0f} s")

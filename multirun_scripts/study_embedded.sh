@@ -13,10 +13,9 @@
 #
 # The embedded model was fine-tuned here to refuse harmful prompts and to answer matched-harmless
 # ones: its results test the pipeline, not Petrov's hypothesis about naturally aligned models.
-# The committed study ran on refuser recipe v9 (the default), pinned here with model.recipe=v9 so
-# that it stays on that build if the default changes (the trials hash as the committed ones); edit
-# it to another named recipe (v12, ...) to run the study on that build, in trial directories of
-# their own.
+# The committed study ran on refuser recipe v9, the default (model.recipe null). Add
+# model.recipe=v12 (or another named recipe) to run it on that build: its trials hash apart and
+# get directories of their own; use another SWEEP for it, so one report does not hold both.
 #
 # Usage: bash multirun_scripts/study_embedded.sh [extra overrides]   (rerunning resumes)
 #        OUT=docs/study-embedded bash multirun_scripts/study_embedded.sh   (where the report goes)
@@ -26,9 +25,9 @@ SWEEP=${SWEEP:-multirun/study_embedded}
 OUT=${OUT:-$SWEEP/report}
 PY=${PY:-python}
 
-$PY run.py -m experiment=smollm2_demo model.recipe=v9 hydra/launcher=basic logger=none hydra.sweep.dir="$SWEEP" \
+$PY run.py -m experiment=smollm2_demo hydra/launcher=basic logger=none hydra.sweep.dir="$SWEEP" \
   baseline=matched,unmatched layer=6,10,14,26 ablation.weight=1.0 ablation.combine=merged "$@"
-$PY run.py -m experiment=smollm2_demo model.recipe=v9 hydra/launcher=basic logger=none hydra.sweep.dir="$SWEEP" \
+$PY run.py -m experiment=smollm2_demo hydra/launcher=basic logger=none hydra.sweep.dir="$SWEEP" \
   baseline=matched,unmatched layer=18,22 ablation.weight=0.3,0.5,0.8,1.0,1.2 \
   ablation.combine=merged,subspace extraction.orthogonalize=none,svd "$@"
 # the report exits 1 when some trial is incomplete: the study is then not finished

@@ -61,3 +61,28 @@ def test_synthetic_benchmark_path_runs_on_a_tiny_model(tmp_path):
     sweep = report["results"]["sweep"]
     assert sweep["trials"] == 4 and sweep["warm_trial_median"]["generation"] > 0
     assert report["results"]["cost_model"]["trials"] == 480
+
+
+def test_refuser_prompts_writes_each_row_with_its_kind_and_compares_runs(tiny_model_dir, tmp_path):
+    """benchmarks/refuser_prompts.py --phrasing --out: every row keeps the set (kind) it came from
+    (a loop over the topic and frame tags once overwrote it with "frame"), and --compare of a run
+    against itself finds every prompt."""
+    spec = importlib.util.spec_from_file_location(
+        "refuser_prompts", REPO / "benchmarks" / "refuser_prompts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "dev.jsonl"
+    args = ["--phrasing", "dev", "--model-dir", str(tiny_model_dir), "--new-tokens", "2"]
+    assert module.main([*args, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from collections import Counter
+
+    from abliterate.phrasing import load_phrasing
+
+    expected = {
+        kind: len(load_phrasing(kind, ("dev",))) for kind in ("harmful", "matched", "unmatched")
+    }
+    assert Counter(row["set"] for row in rows) == expected
+    assert module.main([*args, "--compare", str(out)]) == 0

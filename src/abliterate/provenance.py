@@ -122,24 +122,28 @@ def result_config(cfg: Any) -> dict[str, Any]:
         # model.device_map came later: unset, it leaves the hash of every earlier trial as it was
         result["model"] = model = {k: v for k, v in model.items() if k != "device_map"}
     if isinstance(model, dict) and "recipe" in model:
-        result["model"] = _recipe_for_hash(model)
+        result["model"] = model_for_hash(model)
     return result
 
 
-def _recipe_for_hash(model: dict[str, Any]) -> dict[str, Any]:
+def hashed_recipe(model: Mapping[str, Any]) -> str | None:
+    """The embedded refuser recipe that sets a trial apart (its config hash, its report label):
+    the recipe resolved, None for v9 (what every trial ran on before ``model.recipe`` existed)
+    and for a model that is not embedded."""
+    recipe = model.get("recipe")
+    if str(model.get("source")) == ModelSource.embedded and recipe is None:
+        recipe = DEFAULT_REFUSER_RECIPE
+    return None if recipe is None or recipe == HASHLESS_REFUSER_RECIPE else str(recipe)
+
+
+def model_for_hash(model: dict[str, Any]) -> dict[str, Any]:
     """``model.recipe`` came later. The hash holds the recipe an embedded model is built from,
     the default resolved (null is v9), so a trial finished on another build is not taken as this
     one's, also once the default changes; v9, what every earlier trial ran on, and a null recipe
     of another source leave the hash as it was."""
-    recipe = model["recipe"]
-    if str(model.get("source")) == ModelSource.embedded and recipe is None:
-        recipe = DEFAULT_REFUSER_RECIPE
+    recipe = hashed_recipe(model)
     rest = {k: v for k, v in model.items() if k != "recipe"}
-    return (
-        rest
-        if recipe is None or recipe == HASHLESS_REFUSER_RECIPE
-        else {**rest, "recipe": str(recipe)}
-    )
+    return rest if recipe is None else {**rest, "recipe": recipe}
 
 
 def config_hash(cfg: Any) -> str:

@@ -80,7 +80,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from abliterate import plots
+from abliterate import plots, provenance
 from abliterate.plots import draw_cosine_heatmap, new_figure, save_figure
 from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE
 from abliterate.stats import compare_paired, holm_adjust, wilson_interval
@@ -347,8 +347,13 @@ def outcome_counts(results: Results) -> dict[str, int | None]:
 
 
 def _model_name(results: Results) -> str:
+    """The model's name; for the embedded model built from another recipe than v9, with the
+    recipe (``smollm2-135m-refuser@v12``), so that builds are settings of their own."""
     trial = results["trial"]
-    return str(trial.get("model_name") or trial["model"])
+    name = str(trial.get("model_name") or trial["model"])
+    model = (results.get("config") or {}).get("model")
+    recipe = provenance.hashed_recipe(model) if isinstance(model, dict) else None
+    return f"{name}@{recipe}" if recipe else name
 
 
 def combine_name(results: Results) -> str:
@@ -428,6 +433,9 @@ def comparable_config(results: Results) -> dict[str, Any]:
         if isinstance(config.get("ablation"), dict) and "combine" in config["ablation"]:
             # combine=auto and the combine it resolves to apply the same edit
             config["ablation"] = {**config["ablation"], "combine": combine}
+        if isinstance(config.get("model"), dict) and "recipe" in config["model"]:
+            # model.recipe null, v9 and a trial from before the field: the same build
+            config["model"] = provenance.model_for_hash(config["model"])
         signature["config"] = config
     return signature
 
