@@ -273,8 +273,8 @@ def ensure_refuser(
     time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
     damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
     is kept when its card and weights header read (its files' checksums are recorded then): a
-    rebuild costs about 11 CPU minutes (v12; v9 about 20), and the earlier version trusted the
-    same files.
+    rebuild costs about 20 CPU minutes (v9, the default; v12 about 11), and the earlier version
+    trusted the same files.
     """
     recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()
