@@ -33,6 +33,7 @@ and the card reports them separately (leave-one-family-out).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -170,22 +171,27 @@ def load_phrasing(
     )
 
 
+@functools.cache
+def _tags_by_prompt() -> dict[str, dict[str, str | None]]:
+    """prompt -> its family, topic and frame, over every corpus file (the files are package data:
+    read once per process)."""
+    return {row["prompt"]: {key: row.get(key) for key in ("family", "topic", "frame")}
+            for row in read_rows()}  # fmt: skip
+
+
 def families_of(prompts: tuple[str, ...]) -> list[str]:
     """The phrasing family of each prompt (all must be in the phrasing corpus)."""
-    family = {row["prompt"]: row["family"] for row in read_rows()}
-    return [family[prompt] for prompt in prompts]
+    return [str(_tags_by_prompt()[prompt]["family"]) for prompt in prompts]
 
 
 def topics_of(prompts: tuple[str, ...]) -> list[str | None]:
     """The world-knowledge topic of each prompt (None for rows without one)."""
-    topic = {row["prompt"]: row.get("topic") for row in read_rows()}
-    return [topic[prompt] for prompt in prompts]
+    return [_tags_by_prompt()[prompt]["topic"] for prompt in prompts]
 
 
 def frames_of(prompts: tuple[str, ...]) -> list[str | None]:
     """The time frame of each prompt (None for rows without one)."""
-    frame = {row["prompt"]: row.get("frame") for row in read_rows()}
-    return [frame[prompt] for prompt in prompts]
+    return [_tags_by_prompt()[prompt]["frame"] for prompt in prompts]
 
 
 def corpus_digest(files: tuple[str, ...] = (DATA_FILE,)) -> str:

@@ -655,7 +655,7 @@ def _count_record(
     prompts: tuple[str, ...], responses: list[str], by_family: bool
 ) -> dict[str, object]:
     """Refusals counted out of n, the rate and its Wilson 95% interval (and per phrasing family,
-    and per world-knowledge topic where the prompts have one)."""
+    and per world-knowledge topic and time frame where the prompts have one)."""
     refused = [classify_response(r) == REFUSE for r in responses]
     record: dict[str, object] = {
         "refused": sum(refused),
