@@ -199,6 +199,63 @@ def test_summary_records_every_count_and_an_empty_set_rate_is_null():
         "timing_s": {"total": 1.0},
         "cache": {"activations": "hit"},
     }
-    text = format_summary(results)
-    assert "n/a" in text and "n=0" in text
+    lines = format_summary(results).splitlines()
+    # every rate is its count out of n; an empty set's rate is n/a with its n=0
+    low, high = summary["refusal_rate_ci95"]
+    assert lines[0].startswith("trial  x  baseline=x"), lines[0]
+    assert lines[2] == (
+        f"  harmful refusal   3/3 = 1.00 -> 1/3 = 0.33 [{low:.2f}, {high:.2f}]   judge=markers"
+    )
+    assert (
+        lines[4] == "  harmless refusal  n/a (n=0) -> n/a (n=0)   matched 1/2 = 0.50 -> 1/2 = 0.50"
+    )
     assert json.loads(json.dumps(_json_safe(results)))["eval"]["harmless_refusal_rate"] is None
+
+
+def _summary_results(recipe: str | None, source: str = "embedded") -> dict:
+    """A results.json as a trial on the embedded model writes it (the summary's fields)."""
+    name = "smollm2-135m-refuser"
+    return {
+        "trial": {"model": name, "model_name": name, "baseline": "matched",
+                  "extraction": "som_per_class", "orthogonalize": "none", "layer": 22,
+                  "weight": 1.0, "scope": "all", "combine": "merged", "judge": "rules"},
+        "config": {"model": {"name": name, "source": source, "path": name, "recipe": recipe}},
+        "directions": {"count": 9, "degenerate": 0},
+        "baseline_eval": {"n_harmful": 18, "outcomes": {"REFUSE": 15, "COMPLY": 3},
+                          "refusal_rate": 15 / 18, "n_harmless": 24,
+                          "harmless_refusal_rate": 1 / 24, "n_matched": 12,
+                          "matched_harmless_refusal_rate": 3 / 12},
+        "eval": {"n_harmful": 18, "n_harmless": 24, "n_matched": 12, "n_kl_prompts": 24,
+                 "outcomes": {"REFUSE": 0, "COMPLY": 18}, "refusals": 0,
+                 "baseline_refusals": 15, "refusal_rate": 0.0, "refusal_rate_ci95": [0.0, 0.18],
+                 "harmless_refusals": 0, "harmless_refusal_rate": 0.0,
+                 "matched_harmless_refusals": 1, "matched_harmless_refusal_rate": 1 / 12,
+                 "refusals_removed": 15, "kl_divergence": 0.5, "kl_tokens": 1,
+                 "efficiency": 30.0},
+        "geometry": {},
+        "timing_s": {"total": 1.0},
+        "cache": {"activations": "miss"},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "source", "label"),
+    [
+        (None, "embedded", "smollm2-135m-refuser"),  # the default, v9: the name as before
+        ("v9", "embedded", "smollm2-135m-refuser"),  # the report takes null and v9 as one build
+        ("v12", "embedded", "smollm2-135m-refuser@v12"),
+        (None, "hub", "smollm2-135m-refuser"),  # a model that is not embedded has no recipe
+    ],
+)
+def test_summary_names_the_refuser_build_and_counts_every_rate(recipe, source, label):
+    from abliterate import report
+
+    results = _summary_results(recipe, source)
+    lines = format_summary(results).splitlines()
+    assert lines[0].startswith(f"trial  {label}  baseline=matched  extraction="), lines[0]
+    assert report.model_label(results) == label  # the report's label for the same trial
+    assert lines[2] == "  harmful refusal   15/18 = 0.83 -> 0/18 = 0.00 [0.00, 0.18]   judge=rules"
+    # the unedited model's false refusals are recorded as rates: their count is rate x n
+    assert lines[4] == (
+        "  harmless refusal  1/24 = 0.04 -> 0/24 = 0.00   matched 3/12 = 0.25 -> 1/12 = 0.08"
+    )

@@ -196,6 +196,34 @@ def test_bad_trial_dir_is_one_error_line_and_writes_nothing(
     assert (sorted(p.name for p in trial.iterdir()) if trial.exists() else None) == before
 
 
+def test_a_bad_recipe_in_a_trials_config_is_one_error_line_for_export_and_chat(
+    finished_trial, tmp_path, capsys
+):
+    """A trial's config read back is not checked by the schema: an embedded model whose
+    model.recipe no recipe has (a hand-edited file, another version's recipe), in a trial that
+    records no model identity (so the recipe is what is loaded), is one clear line naming the
+    value and the valid ones, exit 2, no traceback and nothing built, from export and chat."""
+    from abliterate.chat import main as chat_main
+
+    trial = _broken_copy(finished_trial, tmp_path, "bad-recipe")
+    results = json.loads((trial / "results.json").read_text())
+    results["config"]["model"].update(source="embedded", recipe="v99")
+    results["config"]["paths"]["cache_dir"] = str(tmp_path / "cache")
+    del results["provenance"]["model_identity"]
+    (trial / "results.json").write_text(json.dumps(results))
+    expected = "error: model.recipe='v99' is not valid; choose one of v9, v10, v11, v12, v13"
+    out = tmp_path / "out-folder"
+    assert main([str(trial), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # the line before it warns that the trial records no model identity (an older trial)
+    assert err[-1] == expected and err[0].startswith("warning: ") and len(err) == 2, err
+    assert not out.exists()
+    assert chat_main([str(trial), "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == expected and len(err) == 2, err
+    assert not (tmp_path / "cache").exists()  # no build started
+
+
 def test_cli_errors_through_the_interpreter(finished_trial, tmp_path):
     """The real command line: an existing --out, and --push-to-hub offline, each one line,
     before any weights load, nothing written."""

@@ -1057,10 +1057,10 @@ def test_the_refuser_recipe_is_a_model_of_its_own_and_v9_replicates_older_trials
         variants[recipe] = trial
     assert report.config_differences([older, variants[None], variants["v9"]]) == []
     assert report.config_differences([older, variants["v12"]]) == ["config.model.recipe"]
-    assert [report._model_name(t) for t in (older, variants[None], variants["v9"])] == ["tiny"] * 3
-    assert report._model_name(variants["v12"]) == "tiny@v12"
+    assert [report.model_label(t) for t in (older, variants[None], variants["v9"])] == ["tiny"] * 3
+    assert report.model_label(variants["v12"]) == "tiny@v12"
     hub = copy.deepcopy(older)
     hub["config"]["model"] = {"name": "tiny", "source": "hub", "recipe": None}
-    assert report._model_name(hub) == "tiny" and report.config_differences([older, hub]) == [
+    assert report.model_label(hub) == "tiny" and report.config_differences([older, hub]) == [
         "config.model.source"
     ]

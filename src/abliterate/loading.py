@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.config import ConfigError, ModelConfig, ModelSource, parse_choice
+from abliterate.config import ConfigError, ModelConfig, ModelSource, RecipeName, parse_choice
 from abliterate.models import (
     LoadedModel,
     choose_batch_size,
@@ -39,7 +39,12 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
     placement = device_map_option(cfg)  # {} or {"device_map": ...}: accelerate places layers
     source = parse_choice(ModelSource, cfg.source, "model.source")  # a plain str from Python
     if source == ModelSource.embedded:
-        directory = ensure_refuser(Path(cache_dir), recipe_named(getattr(cfg, "recipe", None)))
+        recipe = getattr(cfg, "recipe", None)
+        if recipe is not None:
+            # a trial's config read back (chat, export) is not checked by the schema: a bad
+            # recipe is a bad config value (one line), not a build failure
+            recipe = parse_choice(RecipeName, recipe, "model.recipe")
+        directory = ensure_refuser(Path(cache_dir), recipe_named(recipe))
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         identity = model_identity("embedded", directory)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from abliterate import provenance
 from abliterate.cache import write_text_atomic
 
 SCHEMA_VERSION = 2
@@ -122,34 +123,83 @@ def write_completions(output_dir: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def model_label(results: dict[str, Any]) -> str:
+    """The trial's model by name; for the embedded model built from another recipe than v9, with
+    the recipe (``smollm2-135m-refuser@v12``), so that builds are told apart (the summary, and
+    the report's settings)."""
+    trial = results["trial"]
+    name = str(trial.get("model_name") or trial["model"])
+    model = (results.get("config") or {}).get("model")
+    recipe = provenance.hashed_recipe(model) if isinstance(model, dict) else None
+    return f"{name}@{recipe}" if recipe else name
+
+
+def count_from_rate(rate: Any, n: Any) -> int | None:
+    """The count behind a rate that was recorded without it: rate x n, when n is known and the
+    product is a whole number (else None)."""
+    if not _finite(rate) or not _finite(n) or n <= 0:
+        return None
+    count = rate * n
+    return round(count) if abs(count - round(count)) < 1e-6 else None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _counted(rate: Any, count: Any, n: Any) -> str:
+    """``count/n = rate``; ``n/a (n=0)`` for an empty set (its rate is None)."""
+    if not _finite(rate):
+        return "n/a" if n is None else f"n/a (n={n})"
+    if not _finite(count):
+        count = count_from_rate(rate, n)
+    return (
+        f"{rate:.2f} (n={'?' if n is None else n})"
+        if count is None
+        else f"{count}/{n} = {rate:.2f}"
+    )
+
+
 def format_summary(results: dict[str, Any]) -> str:
-    """A few lines for the terminal (a rate of an empty set, None in results.json, shows n/a)."""
+    """A few lines for the terminal: each rate as its count out of n (``15/18 = 0.83``; a rate of
+    an empty set, None in results.json, shows n/a)."""
     trial, ev, geometry = results["trial"], results["eval"], results["geometry"]
     unedited = results["baseline_eval"]  # the unedited model's (record name: baseline_eval)
 
-    def rate(value: Any) -> str:
-        return "n/a" if value is None else f"{value:.2f}"
+    def before_after(key: str, count: str, unedited_count: Any, n: str) -> str:
+        """The unedited model's rate -> the edited model's, each a count out of n."""
+        n_edited = ev.get(n)
+        n_unedited = n_edited if unedited.get(n) is None else unedited[n]
+        return (
+            f"{_counted(unedited.get(key), unedited_count, n_unedited)}"
+            f" -> {_counted(ev.get(key), ev.get(count), n_edited)}"
+        )
 
     def interval(bounds: Any) -> str:
-        return "" if not bounds else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
+        return "" if not bounds else f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
 
     def outcomes(counts: Any) -> str:
-        if not counts:  # schema 1
-            return f"comply {rate(ev.get('comply_rate'))}, evasive {rate(ev.get('evasive_rate'))}"
+        if not counts:  # schema 1: rates only
+            n = ev.get("n_harmful")
+            return (
+                f"comply {_counted(ev.get('comply_rate'), None, n)}, "
+                f"evasive {_counted(ev.get('evasive_rate'), None, n)}"
+            )
         return "  ".join(f"{name} {count}" for name, count in counts.items())
 
+    unedited_refusals = (unedited.get("outcomes") or {}).get("REFUSE", ev.get("baseline_refusals"))
     lines = [
-        f"trial  {trial['model']}  baseline={trial['baseline']}  extraction={trial['extraction']}"
-        f"/{trial['orthogonalize']}  layer={trial['layer']}  w={trial['weight']}  scope={trial['scope']}"
-        f"  combine={trial['combine']}",
+        f"trial  {model_label(results)}  baseline={trial['baseline']}"
+        f"  extraction={trial['extraction']}/{trial['orthogonalize']}  layer={trial['layer']}"
+        f"  w={trial['weight']}  scope={trial['scope']}  combine={trial['combine']}",
         f"  directions: {results['directions']['count']} (degenerate {results['directions']['degenerate']})",
-        f"  harmful refusal   {rate(unedited['refusal_rate'])} -> {rate(ev['refusal_rate'])}"
-        f" {interval(ev.get('refusal_rate_ci95'))}   judge={trial.get('judge', 'markers')}",
+        f"  harmful refusal   {before_after('refusal_rate', 'refusals', unedited_refusals, 'n_harmful')}"
+        f"{interval(ev.get('refusal_rate_ci95'))}   judge={trial.get('judge', 'markers')}",
         f"  outcomes (n={ev['n_harmful']})  {outcomes(ev.get('outcomes'))}"
         f"   refusals removed {ev.get('refusals_removed', 'n/a')}",
-        f"  harmless refusal  {rate(unedited['harmless_refusal_rate'])} -> {rate(ev['harmless_refusal_rate'])}"
-        f" (n={ev.get('n_harmless', '?')})   matched {rate(unedited['matched_harmless_refusal_rate'])}"
-        f" -> {rate(ev['matched_harmless_refusal_rate'])} (n={ev.get('n_matched', '?')})",
+        # the unedited model's false refusals are recorded as rates (their count is rate x n)
+        f"  harmless refusal  {before_after('harmless_refusal_rate', 'harmless_refusals', None, 'n_harmless')}"
+        f"   matched {before_after('matched_harmless_refusal_rate', 'matched_harmless_refusals', None, 'n_matched')}",
         f"  KL {ev['kl_divergence']:.4f} ({ev.get('n_kl_prompts', '?')} prompts x {ev['kl_tokens']} tok)"
         f"   efficiency {ev['efficiency']:.1f}",
         f"  geometry: |m|/|u| {_fmt(geometry.get('norm_ratio_matched_to_unmatched'))}"

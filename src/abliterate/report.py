@@ -82,7 +82,7 @@ from matplotlib.ticker import MaxNLocator
 
 from abliterate import plots, provenance
 from abliterate.plots import draw_cosine_heatmap, new_figure, save_figure
-from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE
+from abliterate.records import COMPLETIONS_FILE, RESULTS_FILE, count_from_rate, model_label
 from abliterate.stats import compare_paired, holm_adjust, wilson_interval
 
 REPORT_FILE = "report.md"
@@ -250,14 +250,6 @@ def judge_name(results: Results) -> str:
     return SCHEMA1_JUDGE if (results.get("schema_version") or 1) < 2 else "n/a"
 
 
-def _count_from_rate(rate: Any, n: Any) -> int | None:
-    """A schema-1 count: rate x n, when n is known and the product is a whole number."""
-    if not _finite(rate) or not _finite(n) or n <= 0:
-        return None
-    count = rate * n
-    return round(count) if abs(count - round(count)) < 1e-6 else None
-
-
 # Every rate report.csv carries: where its n is, and where its count may be recorded (first found
 # wins; otherwise rate x n).
 RATE_SOURCES: dict[
@@ -313,7 +305,7 @@ def rate_count(results: Results, block: str, key: str) -> int | None:
     count = _first(results, count_paths)
     if count is not None:
         return int(count)
-    return _count_from_rate(_get(results, block, key), rate_n(results, block, key))
+    return count_from_rate(_get(results, block, key), rate_n(results, block, key))
 
 
 def rate_value(results: Results, block: str, key: str) -> float | None:
@@ -346,16 +338,6 @@ def outcome_counts(results: Results) -> dict[str, int | None]:
 # --- settings --------------------------------------------------------------------------------
 
 
-def _model_name(results: Results) -> str:
-    """The model's name; for the embedded model built from another recipe than v9, with the
-    recipe (``smollm2-135m-refuser@v12``), so that builds are settings of their own."""
-    trial = results["trial"]
-    name = str(trial.get("model_name") or trial["model"])
-    model = (results.get("config") or {}).get("model")
-    recipe = provenance.hashed_recipe(model) if isinstance(model, dict) else None
-    return f"{name}@{recipe}" if recipe else name
-
-
 def combine_name(results: Results) -> str:
     """The combination the trial's edit applied (``trial.combine``). Trials written before
     ``combine=auto`` was resolved in results.json recorded ``auto``: it is resolved here as the
@@ -378,7 +360,7 @@ def _setting_field(results: Results, key: str) -> str:
 def setting_key(results: Results) -> tuple[str, ...]:
     """(model, baseline, extraction, orthogonalize, ..., judge): what a layer x weight grid holds
     fixed."""
-    return (_model_name(results), *(_setting_field(results, key) for key in SETTING_KEYS))
+    return (model_label(results), *(_setting_field(results, key) for key in SETTING_KEYS))
 
 
 class Settings:
