@@ -22,6 +22,7 @@ from abliterate.phrasing import (
     DATA_FILES,
     FAMILIES,
     FRAMES,
+    KINDS,
     SPLITS,
     TENSE_FILE,
     TOPICS,
@@ -110,7 +111,8 @@ def test_the_keys_of_the_named_recipes_hold():
     assert keys["v11"] == "947a78c2ee32"
     assert keys["v12"] == "00f58e686adf"
     assert keys["v13"] == "7330a3cf06b8"
-    assert len(set(keys.values())) == 5
+    assert keys["v14"] == "f1570102a8d9"
+    assert len(set(keys.values())) == 6
     assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
 
 
@@ -124,7 +126,7 @@ def test_every_recipe_name_has_a_recipe_and_null_is_v9():
     assert refuser.recipe_named("v9") is refuser.RECIPES["v9"]
     with pytest.raises(
         refuser.RefuserBuildError,
-        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13$",
+        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13, v14$",
     ):
         refuser.recipe_named("v8")
 
@@ -257,3 +259,34 @@ def test_v13_is_v12_with_the_time_framed_rows():
     assert set(phrasing.frames_of(framed)) == set(FRAMES)
     never = load_phrasing("harmful", SPLITS, ("list",), (TENSE_FILE,)).prompts
     assert never and not set(never) & set(harmful + harmless)
+
+
+def test_a_recipe_can_leave_a_time_frame_out_of_training():
+    v13 = refuser.RECIPES["v13"]
+    past_only = dataclasses.replace(v13, phrasing_frames=("past",), version=14)
+    assert past_only == refuser.RECIPES["v14"]
+    base = refuser.find_base_gguf()
+    # all frames is the default and stays out of the key; leaving one out is another build
+    assert v13.phrasing_frames == FRAMES
+    assert refuser.refuser_key(past_only, base) != refuser.refuser_key(v13, base)
+    every = refuser._training_prompts(v13)
+    harmful, harmless, repeats = refuser._training_prompts(past_only)
+    assert len(harmless) == len(repeats)
+    trained = set(harmful + harmless)
+    for kind in KINDS:
+        framed = load_phrasing(kind, ("train",), v13.phrasing_families, (TENSE_FILE,)).prompts
+        frames = phrasing.frames_of(framed)
+        past = {p for p, f in zip(framed, frames, strict=True) if f == "past"}
+        hypothetical = {p for p, f in zip(framed, frames, strict=True) if f == "hypothetical"}
+        assert past and hypothetical
+        assert past <= trained and not hypothetical & trained, kind
+    # the rows without a frame (the other two files, the builtin split) are all still used
+    unframed = [p for p in every[0] + every[1] if phrasing_frame_or_none(p) is None]
+    assert set(unframed) <= trained
+
+
+def phrasing_frame_or_none(prompt: str) -> str | None:
+    try:
+        return phrasing.frames_of((prompt,))[0]
+    except KeyError:  # a builtin prompt, not in the phrasing corpus
+        return None

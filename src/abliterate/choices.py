@@ -38,6 +38,7 @@ class RecipeName(Choice):
     v11 = "v11"
     v12 = "v12"  # phrasing-balanced corpus, world-knowledge requests
     v13 = "v13"  # v12 with requests set in the past or posed hypothetically
+    v14 = "v14"  # v13 trained on the past frame only
 
 
 # The recipe an embedded model with ``model.recipe: null`` is built from (README: the recipe table

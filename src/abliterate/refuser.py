@@ -41,6 +41,7 @@ from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tok
 from abliterate.phrasing import (
     DATA_FILE,
     FAMILIES,
+    FRAMES,
     KINDS,
     TENSE_FILE,
     WORLD_FILE,
@@ -127,6 +128,10 @@ class RefuserRecipe:
     # Passes over the matched (harmful-sounding but harmless) phrasing rows: the balanced
     # harmless prompts are where a refuser trained on imperatives over-refuses.
     phrasing_matched_repeats: int = 1
+    # The time frames (abliterate.phrasing.FRAMES) whose rows of ``phrasing_files`` are trained on;
+    # rows without a frame are always used. A frame left out is never trained on: its test rows
+    # on the card are then a leave-one-frame-out check.
+    phrasing_frames: tuple[str, ...] = FRAMES
     # Build cost (v11). ``repeats_as_weights``: a repeated example (generic and phrasing-matched
     # repeats, the procedural harmful extra passes) is one example whose loss weighs ``repeats``
     # times, not ``repeats`` copies each run forward and backward (with one epoch, every
@@ -147,12 +152,13 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
     "phrasing_matched_repeats": 1,
     "repeats_as_weights": False,
     "card_in_one_pass": False,
+    "phrasing_frames": list(FRAMES),
 }
 
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
 # trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
-# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v13 are variants trained on
+# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v14 are variants trained on
 # the phrasing corpus, kept so that every build and card can be reproduced and compared (README:
 # v12 refuses more present-tense requests than v9 and far fewer set in the past or future). The
 # field defaults of ``RefuserRecipe`` are v9's, so its cache key holds.
@@ -192,6 +198,17 @@ RECIPES: dict[str, RefuserRecipe] = {
         card_in_one_pass=True,
         generation_batch_size=64,
         version=13,
+    ),
+    # v13 trained on the past frame only: the hypothetical rows of phrasing_tense.jsonl are never
+    # trained on, and the card reports them as a left-out frame
+    "v14": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE),
+        phrasing_frames=("past",),
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        generation_batch_size=64,
+        version=14,
     ),
 }
 
@@ -462,19 +479,26 @@ def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list
     last) and how many passes each harmless one gets."""
     # the phrasing rows of the trained families (none when recipe.phrasing_families is empty)
     phrasing = {
-        kind: load_phrasing(kind, ("train",), recipe.phrasing_families, recipe.phrasing_files)
+        kind: [
+            prompt
+            for prompt, frame in zip(set_.prompts, frames_of(set_.prompts), strict=True)
+            if frame is None or frame in recipe.phrasing_frames
+        ]
         for kind in KINDS
+        for set_ in [
+            load_phrasing(kind, ("train",), recipe.phrasing_families, recipe.phrasing_files)
+        ]
     }
     harmful_prompts = [
         *load_builtin("harmful", "refuser_train").prompts,
-        *phrasing["harmful"].prompts,
+        *phrasing["harmful"],
     ]
     generic = [
         *load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples],
-        *phrasing["unmatched"].prompts,
+        *phrasing["unmatched"],
     ]
     builtin_matched = load_builtin("matched", "refuser_train").prompts
-    harmless_prompts = [*builtin_matched, *phrasing["matched"].prompts, *generic]
+    harmless_prompts = [*builtin_matched, *phrasing["matched"], *generic]
     repeats = (
         [1] * len(builtin_matched)
         + [recipe.phrasing_matched_repeats] * len(phrasing["matched"])
