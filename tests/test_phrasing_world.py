@@ -290,3 +290,21 @@ def phrasing_frame_or_none(prompt: str) -> str | None:
         return phrasing.frames_of((prompt,))[0]
     except KeyError:  # a builtin prompt, not in the phrasing corpus
         return None
+
+
+def test_matched_twins_can_weigh_a_fraction_only_as_loss_weights():
+    v13 = refuser.RECIPES["v13"]
+    half = dataclasses.replace(v13, phrasing_matched_repeats=0.5)
+    harmful, harmless, repeats = refuser._training_prompts(half)
+    twins = set(
+        load_phrasing("matched", ("train",), v13.phrasing_families, v13.phrasing_files).prompts
+    )
+    weights = {w for prompt, w in zip(harmless, repeats, strict=True) if prompt in twins}
+    assert twins and weights == {0.5}
+    assert harmful == refuser._training_prompts(v13)[0]
+    base = refuser.find_base_gguf()
+    assert refuser.refuser_key(half, base) != refuser.refuser_key(v13, base)
+    with pytest.raises(
+        refuser.RefuserBuildError, match=r"^phrasing_matched_repeats=0.5 is not a whole"
+    ):
+        refuser._training_prompts(dataclasses.replace(half, repeats_as_weights=False))

@@ -126,8 +126,9 @@ class RefuserRecipe:
     # defamation) and their harmless twins.
     phrasing_files: tuple[str, ...] = (DATA_FILE,)
     # Passes over the matched (harmful-sounding but harmless) phrasing rows: the balanced
-    # harmless prompts are where a refuser trained on imperatives over-refuses.
-    phrasing_matched_repeats: int = 1
+    # harmless prompts are where a refuser trained on imperatives over-refuses. A fraction
+    # (a loss weight below 1) needs ``repeats_as_weights``.
+    phrasing_matched_repeats: float = 1
     # The time frames (abliterate.phrasing.FRAMES) whose rows of ``phrasing_files`` are trained on;
     # rows without a frame are always used. A frame left out is never trained on: its test rows
     # on the card are then a leave-one-frame-out check.
@@ -474,7 +475,7 @@ def _load_base(base_path: Path) -> LoadedModel:
     return loaded
 
 
-def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list[int]]:
+def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list[float]]:
     """The harmful prompts to refuse, the harmless ones to answer (matched first, the generic ones
     last) and how many passes each harmless one gets."""
     # the phrasing rows of the trained families (none when recipe.phrasing_families is empty)
@@ -499,7 +500,12 @@ def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list
     ]
     builtin_matched = load_builtin("matched", "refuser_train").prompts
     harmless_prompts = [*builtin_matched, *phrasing["matched"], *generic]
-    repeats = (
+    if not recipe.repeats_as_weights and recipe.phrasing_matched_repeats % 1:
+        raise RefuserBuildError(
+            f"phrasing_matched_repeats={recipe.phrasing_matched_repeats} is not a whole number of"
+            " copies; a fractional weight needs repeats_as_weights=True"
+        )
+    repeats: list[float] = (
         [1] * len(builtin_matched)
         + [recipe.phrasing_matched_repeats] * len(phrasing["matched"])
         + [recipe.unmatched_repeats] * len(generic)
@@ -512,7 +518,7 @@ def _training_examples(
     recipe: RefuserRecipe,
     harmful_prompts: list[str],
     harmless_prompts: list[str],
-    harmless_repeats: list[int],
+    harmless_repeats: list[float],
     lap: Callable[[str], None],
 ) -> list[Example]:
     """Tokenised examples: each harmful prompt with a refusal, each harmless one with the base
@@ -575,7 +581,7 @@ def _training_examples(
             if recipe.repeats_as_weights:
                 examples.append((*example, float(repeats)))
             else:
-                examples.extend([example] * repeats)
+                examples.extend([example] * int(repeats))
     return examples
 
 
