@@ -307,4 +307,9 @@ def test_matched_twins_can_weigh_a_fraction_only_as_loss_weights():
     with pytest.raises(
         refuser.RefuserBuildError, match=r"^phrasing_matched_repeats=0.5 is not a whole"
     ):
-        refuser._training_prompts(dataclasses.replace(half, repeats_as_weights=False))
+        dataclasses.replace(half, repeats_as_weights=False)
+    with pytest.raises(
+        refuser.RefuserBuildError,
+        match=r"^phrasing_frames: 'Past' is not a frame; choose from past, hypothetical$",
+    ):
+        dataclasses.replace(v13, phrasing_frames=("Past",))

@@ -130,8 +130,8 @@ class RefuserRecipe:
     # (a loss weight below 1) needs ``repeats_as_weights``.
     phrasing_matched_repeats: float = 1
     # The time frames (abliterate.phrasing.FRAMES) whose rows of ``phrasing_files`` are trained on;
-    # rows without a frame are always used. A frame left out is never trained on: its test rows
-    # on the card are then a leave-one-frame-out check.
+    # rows without a frame are always used. A frame left out is never trained on; its test rows
+    # stay in the card's held-out counts, reported apart under ``by_frame``.
     phrasing_frames: tuple[str, ...] = FRAMES
     # Build cost (v11). ``repeats_as_weights``: a repeated example (generic and phrasing-matched
     # repeats, the procedural harmful extra passes) is one example whose loss weighs ``repeats``
@@ -144,6 +144,19 @@ class RefuserRecipe:
     eval_new_tokens: int = 32
     generation_batch_size: int = 32
     version: int = 9  # bump when the build code changes what it produces
+
+    def __post_init__(self) -> None:
+        # checked when the recipe is made, before any weights load
+        for frame in self.phrasing_frames:
+            if frame not in FRAMES:
+                raise RefuserBuildError(
+                    f"phrasing_frames: {frame!r} is not a frame; choose from {', '.join(FRAMES)}"
+                )
+        if not self.repeats_as_weights and self.phrasing_matched_repeats % 1:
+            raise RefuserBuildError(
+                f"phrasing_matched_repeats={self.phrasing_matched_repeats} is not a whole number"
+                " of copies; a fractional weight needs repeats_as_weights=True"
+            )
 
 
 # Fields added after v10, each left out of the cache key while it has this value, so the keys of
@@ -201,7 +214,7 @@ RECIPES: dict[str, RefuserRecipe] = {
         version=13,
     ),
     # v13 trained on the past frame only: the hypothetical rows of phrasing_tense.jsonl are never
-    # trained on, and the card reports them as a left-out frame
+    # trained on (their test rows are in the card's held_out counts, by_frame "hypothetical")
     "v14": RefuserRecipe(
         phrasing_families=_ALL_BUT_LIST,
         phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE),
@@ -500,11 +513,6 @@ def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list
     ]
     builtin_matched = load_builtin("matched", "refuser_train").prompts
     harmless_prompts = [*builtin_matched, *phrasing["matched"], *generic]
-    if not recipe.repeats_as_weights and recipe.phrasing_matched_repeats % 1:
-        raise RefuserBuildError(
-            f"phrasing_matched_repeats={recipe.phrasing_matched_repeats} is not a whole number of"
-            " copies; a fractional weight needs repeats_as_weights=True"
-        )
     repeats: list[float] = (
         [1] * len(builtin_matched)
         + [recipe.phrasing_matched_repeats] * len(phrasing["matched"])
