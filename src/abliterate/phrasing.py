@@ -143,16 +143,19 @@ def load_phrasing(
     splits: tuple[str, ...] = SPLITS,
     families: tuple[str, ...] = FAMILIES,
     files: tuple[str, ...] = DATA_FILES,
+    frames: tuple[str, ...] = FRAMES,
 ) -> PromptSet:
-    """The rows of one kind in the given splits and families of the given files, in file order.
+    """The rows of one kind in the given splits and families of the given files, in file order;
+    of the rows set in a time frame, only those in ``frames`` (rows without a frame are kept).
 
     Raises:
-        PromptDataError: an unknown kind, split or family (naming the valid ones).
+        PromptDataError: an unknown kind, split, family or frame (naming the valid ones).
     """
     for name, values, valid in (
         ("kind", (kind,), KINDS),
         ("split", splits, SPLITS),
         ("family", families, FAMILIES),
+        ("frame", frames, FRAMES),
     ):
         for value in values:
             if value not in valid:
@@ -164,6 +167,7 @@ def load_phrasing(
     chosen = [
         row for row in rows
         if row["kind"] == kind and row["family"] in families and assigned[row["prompt"]] in splits
+        and row.get("frame") in (None, *frames)
     ]  # fmt: skip
     label = f"phrasing-{kind}/{'+'.join(splits)}/{'+'.join(families)}"
     return PromptSet(

@@ -492,21 +492,18 @@ def _training_prompts(recipe: RefuserRecipe) -> tuple[list[str], list[str], list
     """The harmful prompts to refuse, the harmless ones to answer (matched first, the generic ones
     last) and how many passes each harmless one gets."""
     # the phrasing rows of the trained families (none when recipe.phrasing_families is empty)
+    # (of the time-framed rows, those of recipe.phrasing_frames)
     phrasing = {
-        kind: [
-            prompt
-            for prompt, frame in zip(set_.prompts, frames_of(set_.prompts), strict=True)
-            if frame is None or frame in recipe.phrasing_frames
-        ]
+        kind: load_phrasing(
+            kind,
+            ("train",),
+            recipe.phrasing_families,
+            recipe.phrasing_files,
+            recipe.phrasing_frames,
+        ).prompts
         for kind in KINDS
-        for set_ in [
-            load_phrasing(kind, ("train",), recipe.phrasing_families, recipe.phrasing_files)
-        ]
     }
-    harmful_prompts = [
-        *load_builtin("harmful", "refuser_train").prompts,
-        *phrasing["harmful"],
-    ]
+    harmful_prompts = [*load_builtin("harmful", "refuser_train").prompts, *phrasing["harmful"]]
     generic = [
         *load_builtin("unmatched", "refuser_train").prompts[: recipe.unmatched_examples],
         *phrasing["unmatched"],
