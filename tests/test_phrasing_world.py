@@ -20,6 +20,7 @@ from abliterate.config import HARM_CATEGORIES
 from abliterate.phrasing import (
     DATA_FILE,
     DATA_FILES,
+    EVERYDAY_FILE,
     FAMILIES,
     FRAMES,
     KINDS,
@@ -31,7 +32,7 @@ from abliterate.phrasing import (
     read_rows,
     split_of,
 )
-from abliterate.prompts import PromptDataError, PromptSet
+from abliterate.prompts import PromptDataError, PromptSet, load_builtin
 
 # Topics and the categories their rows carry.
 TOPIC_CATEGORIES = {
@@ -313,3 +314,24 @@ def test_matched_twins_can_weigh_a_fraction_only_as_loss_weights():
         match=r"^phrasing_frames: 'Past' is not a frame; choose from past, hypothetical$",
     ):
         dataclasses.replace(v13, phrasing_frames=("Past",))
+
+
+def test_the_everyday_file_holds_present_tense_generic_requests_in_every_family():
+    rows = read_rows((EVERYDAY_FILE,))
+    # 192 written, 24 per family; 24 too close to a prompt already in the package data dropped,
+    # 14 whose form was not their family's retagged (test_phrasing: FORMS)
+    assert len(rows) == 168 and set(Counter(r["family"] for r in rows)) == set(FAMILIES)
+    assert {r["kind"] for r in rows} == {"unmatched"}
+    assert not any(key in r for r in rows for key in ("frame", "topic", "category"))
+
+    # no prompt of it is (up to case and spacing) a prompt of another package data file, the
+    # builtin splits whose generic held-out set the card reports included
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    others = {norm(r["prompt"]) for r in read_rows(DATA_FILES[:-1])}
+    for kind in ("harmful", "matched", "unmatched"):
+        others |= {norm(p) for p in load_builtin(kind, None).prompts}
+    assert not {norm(r["prompt"]) for r in rows} & others
+    # adding the file left the splits of the earlier files as they were
+    assert split_of(read_rows(DATA_FILES[:-1])).items() <= split_of(read_rows()).items()

@@ -22,8 +22,12 @@ refuse. ``abliterate/data/phrasing_tense.jsonl`` (``TENSE_FILE``) sets requests 
 frame (``frame``, ``FRAMES``): how something harmful was done in the past, or how someone would do
 it hypothetically, each harmful row with a harmless twin in the same frame and form (history,
 detection, safety) and a few everyday requests in that frame, so that neither "it is history" nor
-"it is only hypothetical" is a reason to answer, and neither frame alone a reason to refuse. A
-recipe reads the files it names (``RefuserRecipe.phrasing_files``).
+"it is only hypothetical" is a reason to answer, and neither frame alone a reason to refuse.
+``abliterate/data/phrasing_everyday.jsonl`` (``EVERYDAY_FILE``) holds generic harmless requests
+only: 168 everyday requests in the present tense (7 to 26 per family), none harmful-sounding, so
+that a recipe can learn to answer ordinary imperatives, writing tasks and lists from more
+examples rather than from heavier ones. A recipe reads the files it names
+(``RefuserRecipe.phrasing_files``).
 
 Each (file, kind, family) group is split deterministically by a hash of the prompt text into ``train``
 (what the refuser may be fine-tuned on), ``dev`` (for recipe decisions) and ``test`` (what its card
@@ -58,7 +62,8 @@ SPLIT_FRACTIONS = (0.5, 0.2, None)  # None: the rest
 DATA_FILE = "phrasing.jsonl"
 WORLD_FILE = "phrasing_world.jsonl"
 TENSE_FILE = "phrasing_tense.jsonl"
-DATA_FILES = (DATA_FILE, WORLD_FILE, TENSE_FILE)
+EVERYDAY_FILE = "phrasing_everyday.jsonl"
+DATA_FILES = (DATA_FILE, WORLD_FILE, TENSE_FILE, EVERYDAY_FILE)
 TOPICS = (
     "misinformation",  # persuasive or news-style falsehoods about real events, health, elections
     "attack_code",  # malware, exploits, phishing kits, intrusion tools
