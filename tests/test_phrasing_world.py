@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections import Counter
 from importlib import resources
 
@@ -335,3 +336,39 @@ def test_the_everyday_file_holds_present_tense_generic_requests_in_every_family(
     assert not {norm(r["prompt"]) for r in rows} & others
     # adding the file left the splits of the earlier files as they were
     assert split_of(read_rows(DATA_FILES[:-1])).items() <= split_of(read_rows()).items()
+
+
+def test_build_cli_takes_a_seed_and_prints_counts_out_of_n(tmp_path, monkeypatch, capsys):
+    built = []
+
+    def fake_ensure(cache_dir, recipe):
+        built.append(recipe)
+        card = {
+            "harmful_refusal_rate": 132 / 144,
+            "harmless_refusal_rate": 9 / 128,
+            "matched_harmless_refusal_rate": 13 / 144,
+            "counts": {
+                "harmful_refusal_rate": {"refused": 132, "n": 144, "ci95": [0.86, 0.9517]}
+            },  # fmt: skip
+            "n_eval_by_set": {"harmless_refusal_rate": 128},  # the others: an older card
+            "targets": dict.fromkeys(
+                ("harmful_refusal_rate", "harmless_refusal_rate", "matched_harmless_refusal_rate"),
+                ">= 0",
+            ),
+            "n_eval": 416,
+            "build_seconds": 1.0,
+            "meets_targets": True,
+        }
+        (tmp_path / "refuser_card.json").write_text(json.dumps(card))
+        return tmp_path
+
+    monkeypatch.setattr(refuser, "ensure_refuser", fake_ensure)
+    assert refuser.main(["build", "--recipe", "v14", "--seed", "3"]) == 0
+    assert built == [dataclasses.replace(refuser.RECIPES["v14"], seed=3)]
+    out = capsys.readouterr().out
+    assert "embedded refuser v14, seed 3:" in out
+    assert "132/144 = 0.917 [0.860, 0.952]" in out
+    assert "  9/128 = 0.070 [0.037, 0.128]" in out  # from the rate and n
+    assert "matched_harmless_refusal_rate    0.090   target" in out  # no n recorded: the rate alone
+    base = refuser.find_base_gguf()
+    assert refuser.refuser_key(built[0], base) != refuser.refuser_key(refuser.RECIPES["v14"], base)

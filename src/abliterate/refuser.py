@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -787,6 +787,23 @@ def warn_missed_targets(card: dict, directory: Path) -> None:
         )
 
 
+def _card_count(card: dict, key: str) -> str:
+    """One of the card's three builtin rates as a count out of n with its Wilson interval (cards
+    written before the counts were recorded: the count behind the rate and n)."""
+    record = (card.get("counts") or {}).get(key)
+    if record is None:
+        n = (card.get("n_eval_by_set") or {}).get(key)
+        if not n:
+            return f"{card[key]:.3f}"
+        refused = round(card[key] * n)
+        record = {"refused": refused, "n": n, "ci95": wilson_interval(refused, n)}
+    low, high = record["ci95"]
+    return (
+        f"{record['refused']:3d}/{record['n']:<3d} = {record['refused'] / record['n']:.3f}"
+        f" [{low:.3f}, {high:.3f}]"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m abliterate.refuser", description=__doc__.split("\n\n")[0]
@@ -806,6 +823,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a named recipe (default {DEFAULT_REFUSER_RECIPE}, the one the product uses)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="build the recipe with another seed (its own cache entry): how far its card moves "
+        "between seeds",
+    )
+    parser.add_argument(
         "--allow-below-targets",
         action="store_true",
         help="exit 0 even if the card misses its quality targets (it still says so loudly)",
@@ -814,7 +838,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        directory = ensure_refuser(args.cache_dir, RECIPES[args.recipe])
+        recipe = RECIPES[args.recipe]
+        if args.seed is not None:
+            recipe = replace(recipe, seed=args.seed)
+        directory = ensure_refuser(args.cache_dir, recipe)
     except RefuserBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -823,9 +850,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "path":
         print(directory)
         return status
-    print(f"embedded refuser: {directory} (ready in {time.perf_counter() - start:.1f} s)")
+    print(
+        f"embedded refuser {args.recipe}, seed {recipe.seed}: {directory} "
+        f"(ready in {time.perf_counter() - start:.1f} s)"
+    )
     for key in ("harmful_refusal_rate", "harmless_refusal_rate", "matched_harmless_refusal_rate"):
-        print(f"  {key:32s} {card[key]:.3f}   target {card['targets'][key]}")
+        print(f"  {key:32s} {_card_count(card, key)}   target {card['targets'][key]}")
     phrasing = card.get("phrasing") or {}
     for part in ("held_out", "never_trained"):
         families = phrasing.get("never_trained_families" if part == "never_trained"
