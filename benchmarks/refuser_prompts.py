@@ -11,7 +11,9 @@ each labelled by the marker classifier (the refuser card's labeller) and by the 
 (the trials' default judge); prints refusals counted out of n with Wilson 95% intervals, per
 phrasing family (and world-knowledge topic) for ``--phrasing``, and writes the responses as JSONL
 when ``--out`` is given; ``--compare`` reads such a file from another model on the same prompts
-and prints the exact McNemar test of the marker refusals, prompt by prompt.
+and prints the exact McNemar test of the marker refusals, prompt by prompt. That test compares two
+builds over these prompts: it says nothing of how far another seed of the same recipe would move
+the counts (``--seed``; README: two seeds of one recipe can differ as much as two recipes do).
 The prompts are read from the file at run time; nothing of them is stored here.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=str(refuser.DEFAULT_REFUSER_RECIPE),
                         help="the named recipe whose build to load (default: the product's; "
                              "built if missing)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --recipe: its build with this seed (built if missing)")  # fmt: skip
     parser.add_argument("--file", default=None, help="a .txt/.jsonl/.csv/.tsv/.json prompt file")
     parser.add_argument("--column", default="prompt", help="the prompt column of --file")
     parser.add_argument("--phrasing", choices=("train", "dev", "test"), default=None,
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --phrasing: the corpus files, comma-separated (default: all: "
                              f"{','.join(PHRASING_FILES)}; {PHRASING_FILES[0]} alone is what "
                              "recipes up to v10 were measured on; the first two, what v11-v12 "
-                             "were decided on)")  # fmt: skip
+                             "were decided on; the first three, v13-v14)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
@@ -85,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compare: {args.compare} is not a file")
     if (args.file is None) == (args.phrasing is None):
         parser.error("give exactly one of --file and --phrasing")
-    directory = (
-        Path(args.model_dir)
-        if args.model_dir
-        else refuser.ensure_refuser(recipe=refuser.RECIPES[args.recipe])
-    )
+    if args.model_dir and args.seed is not None:
+        parser.error("--seed picks a build of --recipe; --model-dir names a build already")
+    recipe = refuser.RECIPES[args.recipe]
+    if args.seed is not None:
+        recipe = replace(recipe, seed=args.seed)
+    directory = Path(args.model_dir) if args.model_dir else refuser.ensure_refuser(recipe=recipe)
     model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     loaded = LoadedModel(model, tokenizer, "refuser", str(directory), torch.device("cpu"))

@@ -86,3 +86,32 @@ def test_refuser_prompts_writes_each_row_with_its_kind_and_compares_runs(tiny_mo
     }
     assert Counter(row["set"] for row in rows) == expected
     assert module.main([*args, "--compare", str(out)]) == 0
+
+
+def test_refuser_prompts_loads_a_recipes_build_of_another_seed(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--recipe NAME --seed N: the build of that recipe with seed N; with --model-dir it is one
+    error line."""
+    import dataclasses
+
+    from abliterate import refuser
+
+    spec = importlib.util.spec_from_file_location(
+        "refuser_prompts", REPO / "benchmarks" / "refuser_prompts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    asked = []
+    monkeypatch.setattr(
+        refuser, "ensure_refuser", lambda recipe: asked.append(recipe) or tiny_model_dir
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a joke.\n")
+    base = ["--file", str(prompts), "--new-tokens", "2"]
+    assert module.main([*base, "--recipe", "v14", "--seed", "2"]) == 0
+    assert asked == [dataclasses.replace(refuser.RECIPES["v14"], seed=2)]
+    with pytest.raises(SystemExit) as exited:
+        module.main([*base, "--model-dir", str(tiny_model_dir), "--seed", "2"])
+    assert exited.value.code == 2
