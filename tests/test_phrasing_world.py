@@ -114,7 +114,8 @@ def test_the_keys_of_the_named_recipes_hold():
     assert keys["v12"] == "00f58e686adf"
     assert keys["v13"] == "7330a3cf06b8"
     assert keys["v14"] == "f1570102a8d9"
-    assert len(set(keys.values())) == 6
+    assert keys["v15"] == "78a95823f2be"
+    assert len(set(keys.values())) == 7
     assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
 
 
@@ -128,7 +129,7 @@ def test_every_recipe_name_has_a_recipe_and_null_is_v9():
     assert refuser.recipe_named("v9") is refuser.RECIPES["v9"]
     with pytest.raises(
         refuser.RefuserBuildError,
-        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13, v14$",
+        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13, v14, v15$",
     ):
         refuser.recipe_named("v8")
 
@@ -372,3 +373,22 @@ def test_build_cli_takes_a_seed_and_prints_counts_out_of_n(tmp_path, monkeypatch
     assert "matched_harmless_refusal_rate    0.090   target" in out  # no n recorded: the rate alone
     base = refuser.find_base_gguf()
     assert refuser.refuser_key(built[0], base) != refuser.refuser_key(refuser.RECIPES["v14"], base)
+
+
+def test_v15_is_v13_with_half_weight_twins_and_the_everyday_requests():
+    v13, v15 = refuser.RECIPES["v13"], refuser.RECIPES["v15"]
+    assert v15.phrasing_files == (*v13.phrasing_files, EVERYDAY_FILE)
+    assert (
+        dataclasses.replace(
+            v15, phrasing_files=v13.phrasing_files, phrasing_matched_repeats=1, version=13
+        )
+        == v13
+    )
+    harmful, harmless, repeats = refuser._training_prompts(v15)
+    everyday = load_phrasing("unmatched", ("train",), v15.phrasing_families, (EVERYDAY_FILE,))
+    weights = dict(zip(harmless, repeats, strict=True))
+    assert len(everyday) == 81 and {weights[p] for p in everyday.prompts} == {2}
+    assert harmful == refuser._training_prompts(v13)[0]  # the harmful side is v13's
+    held_out = load_phrasing("unmatched", ("dev", "test"), FAMILIES, (EVERYDAY_FILE,)).prompts
+    never = load_phrasing("unmatched", SPLITS, ("list",), (EVERYDAY_FILE,)).prompts
+    assert held_out and never and not set(held_out + never) & set(harmless)

@@ -39,6 +39,7 @@ class RecipeName(Choice):
     v12 = "v12"  # phrasing-balanced corpus, world-knowledge requests
     v13 = "v13"  # v12 with requests set in the past or posed hypothetically
     v14 = "v14"  # v13 trained on the past frame only
+    v15 = "v15"  # v13, twins weighing 0.5, more everyday requests (phrasing_everyday.jsonl)
 
 
 # The recipe an embedded model with ``model.recipe: null`` is built from (README: the recipe table

@@ -40,6 +40,7 @@ from abliterate.classify import REFUSE, classify_response, has_refusal_marker
 from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tokenizer
 from abliterate.phrasing import (
     DATA_FILE,
+    EVERYDAY_FILE,
     FAMILIES,
     FRAMES,
     KINDS,
@@ -172,7 +173,7 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
 # trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
-# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v14 are variants trained on
+# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v15 are variants trained on
 # the phrasing corpus, kept so that every build and card can be reproduced and compared (README:
 # v12 refuses more present-tense requests than v9 and far fewer set in the past or future). The
 # field defaults of ``RefuserRecipe`` are v9's, so its cache key holds.
@@ -223,6 +224,18 @@ RECIPES: dict[str, RefuserRecipe] = {
         card_in_one_pass=True,
         generation_batch_size=64,
         version=14,
+    ),
+    # v13 with the phrasing-matched twins weighing 0.5 and 81 more generic rows to answer (the
+    # train split of phrasing_everyday.jsonl, everyday requests in the trained families): more
+    # generic examples instead of heavier ones (README: v15)
+    "v15": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE, EVERYDAY_FILE),
+        phrasing_matched_repeats=0.5,
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        generation_batch_size=64,
+        version=15,
     ),
 }
 
