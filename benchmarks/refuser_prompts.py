@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --phrasing: the corpus files, comma-separated (default: all: "
                              f"{','.join(PHRASING_FILES)}; {PHRASING_FILES[0]} alone is what "
                              "recipes up to v10 were measured on; the first two, what v11-v12 "
-                             "were decided on; the first three, v13-v14)")  # fmt: skip
+                             "were decided on; the first three, v13-v14; all four, v15)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")

@@ -174,9 +174,9 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
 # trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
 # (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v15 are variants trained on
-# the phrasing corpus, kept so that every build and card can be reproduced and compared (README:
-# v12 refuses more present-tense requests than v9 and far fewer set in the past or future). The
-# field defaults of ``RefuserRecipe`` are v9's, so its cache key holds.
+# the phrasing corpus, kept so that every build and card can be reproduced and compared
+# (docs/refuser.md: what each refuses, and why v9 is still the default). The field defaults of
+# ``RefuserRecipe`` are v9's, so its cache key holds.
 _ALL_BUT_LIST = tuple(f for f in FAMILIES if f != "list")
 RECIPES: dict[str, RefuserRecipe] = {
     "v9": RefuserRecipe(),
@@ -227,7 +227,7 @@ RECIPES: dict[str, RefuserRecipe] = {
     ),
     # v13 with the phrasing-matched twins weighing 0.5 and 81 more generic rows to answer (the
     # train split of phrasing_everyday.jsonl, everyday requests in the trained families): more
-    # generic examples instead of heavier ones (README: v15)
+    # generic examples instead of heavier ones (docs/refuser.md: v15)
     "v15": RefuserRecipe(
         phrasing_families=_ALL_BUT_LIST,
         phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE, EVERYDAY_FILE),
