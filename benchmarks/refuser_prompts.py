@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --file and --phrasing")
     if args.model_dir and args.seed is not None:
         parser.error("--seed picks a build of --recipe; --model-dir names a build already")
-    recipe = refuser.RECIPES[args.recipe]
-    if args.seed is not None:
-        recipe = replace(recipe, seed=args.seed)
+    recipe = refuser.recipe_named(args.recipe, args.seed)
     directory = Path(args.model_dir) if args.model_dir else refuser.ensure_refuser(recipe=recipe)
     model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))

@@ -63,16 +63,21 @@ def test_synthetic_benchmark_path_runs_on_a_tiny_model(tmp_path):
     assert report["results"]["cost_model"]["trials"] == 480
 
 
-def test_refuser_prompts_writes_each_row_with_its_kind_and_compares_runs(tiny_model_dir, tmp_path):
-    """benchmarks/refuser_prompts.py --phrasing --out: every row keeps the set (kind) it came from
-    (a loop over the topic and frame tags once overwrote it with "frame"), and --compare of a run
-    against itself finds every prompt."""
+def _refuser_prompts_module():
     spec = importlib.util.spec_from_file_location(
         "refuser_prompts", REPO / "benchmarks" / "refuser_prompts.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_refuser_prompts_writes_each_row_with_its_kind_and_compares_runs(tiny_model_dir, tmp_path):
+    """benchmarks/refuser_prompts.py --phrasing --out: every row keeps the set (kind) it came from
+    (a loop over the topic and frame tags once overwrote it with "frame"), and --compare of a run
+    against itself finds every prompt."""
+    module = _refuser_prompts_module()
     out = tmp_path / "dev.jsonl"
     args = ["--phrasing", "dev", "--model-dir", str(tiny_model_dir), "--new-tokens", "2"]
     assert module.main([*args, "--out", str(out)]) == 0
@@ -97,12 +102,7 @@ def test_refuser_prompts_loads_a_recipes_build_of_another_seed(
 
     from abliterate import refuser
 
-    spec = importlib.util.spec_from_file_location(
-        "refuser_prompts", REPO / "benchmarks" / "refuser_prompts.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _refuser_prompts_module()
     asked = []
     monkeypatch.setattr(
         refuser, "ensure_refuser", lambda recipe: asked.append(recipe) or tiny_model_dir

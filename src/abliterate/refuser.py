@@ -54,6 +54,7 @@ from abliterate.phrasing import (
 )
 from abliterate.phrasing import SPLITS as PHRASING_SPLITS
 from abliterate.prompts import PromptSet, load_builtin, load_refusal_texts
+from abliterate.records import count_from_rate
 from abliterate.stats import wilson_interval
 from abliterate.templates import format_chat
 
@@ -240,11 +241,14 @@ RECIPES: dict[str, RefuserRecipe] = {
 }
 
 
-def recipe_named(name: str | None) -> RefuserRecipe:
-    """The named recipe (``model.recipe``); None: the default (``DEFAULT_REFUSER_RECIPE``)."""
+def recipe_named(name: str | None, seed: int | None = None) -> RefuserRecipe:
+    """The named recipe (``model.recipe``); None: the default (``DEFAULT_REFUSER_RECIPE``). With
+    ``seed``, that recipe built with another seed (``--seed`` of the build and benchmark CLIs)."""
     if name is None:
-        return RECIPES[DEFAULT_REFUSER_RECIPE]
-    return RECIPES[parse_choice(RecipeName, name, "model.recipe", RefuserBuildError)]
+        recipe = RECIPES[DEFAULT_REFUSER_RECIPE]
+    else:
+        recipe = RECIPES[parse_choice(RecipeName, name, "model.recipe", RefuserBuildError)]
+    return recipe if seed is None else replace(recipe, seed=seed)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -806,9 +810,9 @@ def _card_count(card: dict, key: str) -> str:
     record = (card.get("counts") or {}).get(key)
     if record is None:
         n = (card.get("n_eval_by_set") or {}).get(key)
-        if not n:
+        refused = count_from_rate(card[key], n)
+        if refused is None or n is None:
             return f"{card[key]:.3f}"
-        refused = round(card[key] * n)
         record = {"refused": refused, "n": n, "ci95": wilson_interval(refused, n)}
     low, high = record["ci95"]
     return (
@@ -851,9 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        recipe = RECIPES[args.recipe]
-        if args.seed is not None:
-            recipe = replace(recipe, seed=args.seed)
+        recipe = recipe_named(args.recipe, args.seed)
         directory = ensure_refuser(args.cache_dir, recipe)
     except RefuserBuildError as error:
         print(f"error: {error}", file=sys.stderr)
