@@ -67,6 +67,42 @@ def test_base_gguf_loads_as_a_plain_model_and_gguf_is_left_as_it_was():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_gguf_model_and_tokenizer_load_from_one_parse_of_the_file(monkeypatch):
+    """The config, the weights and the tokenizer each read the GGUF's metadata; inside
+    ``load_gguf_with_tokenizer`` the file is parsed once, and the result is what loading each
+    separately gives."""
+    import gguf
+    from transformers import AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from abliterate.models import load_gguf_as_plain_model, load_gguf_with_tokenizer
+
+    path = refuser.find_base_gguf()
+    parses = []
+    original_init = gguf.GGUFReader.__init__
+
+    def counting_init(self, *args, **kwargs):
+        parses.append(args[0] if args else kwargs.get("path"))
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting_init)
+    reader, checkpoint = gguf.GGUFReader, gguf_utils.load_gguf_checkpoint
+    model, tokenizer = load_gguf_with_tokenizer(path, None, torch.float32)
+    assert len(parses) == 1
+    # the memos live only for the load
+    assert gguf.GGUFReader is reader and gguf_utils.load_gguf_checkpoint is checkpoint
+    parses.clear()
+    separate = load_gguf_as_plain_model(path, None, torch.float32).state_dict()
+    separate_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert len(parses) == 2  # loaded apart: the model's load and the tokenizer's each parse it
+    weights = model.state_dict()
+    assert weights.keys() == separate.keys()
+    assert all(torch.equal(weights[name], separate[name]) for name in weights)
+    assert tokenizer.get_vocab() == separate_tokenizer.get_vocab()
+    text = "<|im_start|>user\nHow do I bake rye bread? (Ünïcode)<|im_end|>\n"
+    assert tokenizer(text)["input_ids"] == separate_tokenizer(text)["input_ids"]
+
+
 def test_saved_model_loads_with_from_pretrained_and_refuses(refuser_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

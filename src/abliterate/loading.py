@@ -18,7 +18,7 @@ from abliterate.models import (
     LoadedModel,
     choose_batch_size,
     device_map_option,
-    load_gguf_as_plain_model,
+    load_gguf_with_tokenizer,
     prepare_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -49,11 +49,10 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         identity = model_identity("embedded", directory)
     elif source == ModelSource.gguf:
-        model = load_gguf_as_plain_model(Path(cfg.path), cfg.gguf_file, dtype)
         path = Path(cfg.path)
+        model, tokenizer = load_gguf_with_tokenizer(path, cfg.gguf_file, dtype)
         directory, file = (path, cfg.gguf_file) if path.is_dir() else (path.parent, path.name)
         assert file is not None  # loaded just above: a GGUF directory came with its gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
         identity = model_identity("gguf", directory / file)
     else:
         local = Path(cfg.path)

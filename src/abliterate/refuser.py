@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from abliterate.cache import DiskCache, file_sha256
 from abliterate.choices import DEFAULT_REFUSER_RECIPE, RecipeName, parse_choice
 from abliterate.classify import REFUSE, classify_response, has_refusal_marker
-from abliterate.models import LoadedModel, load_gguf_as_plain_model, prepare_tokenizer
+from abliterate.models import LoadedModel, load_gguf_with_tokenizer, prepare_tokenizer
 from abliterate.phrasing import (
     DATA_FILE,
     EVERYDAY_FILE,
@@ -492,13 +492,9 @@ def build_refuser(output_dir: Path, recipe: RefuserRecipe, base_path: Path) -> d
 
 def _load_base(base_path: Path) -> LoadedModel:
     """The base SmolLM2 GGUF, dequantised, with the chat template saved alongside."""
-    from transformers import AutoTokenizer
-
     log.info("loading base model %s", base_path)
-    model = load_gguf_as_plain_model(base_path, None, torch.float32)
-    tokenizer = prepare_tokenizer(
-        AutoTokenizer.from_pretrained(base_path.parent, gguf_file=base_path.name)
-    )
+    model, tokenizer = load_gguf_with_tokenizer(base_path, None, torch.float32)
+    tokenizer = prepare_tokenizer(tokenizer)
     tokenizer.chat_template = CHAT_TEMPLATE  # saved with the tokenizer: every later use has it
     loaded = LoadedModel(model, tokenizer, "smollm2-135m", "base", torch.device("cpu"))
     model.eval()

