@@ -178,6 +178,23 @@ def test_the_hash_names_the_refuser_recipe_so_a_trial_on_another_build_is_not_re
     assert provenance.config_hash(default) != provenance.config_hash(earlier)
 
 
+def test_a_trial_from_before_the_recipe_field_is_labelled_v9_whatever_the_default(monkeypatch):
+    """The committed study's configs have no model.recipe: they ran on v9, and stay labelled so
+    (no recipe in the label) once the default is another recipe; a null recipe is the default."""
+    from abliterate.records import model_label
+
+    def results(model):
+        return {"trial": {"model": "smollm2-135m-refuser"}, "config": {"model": model}}
+
+    earlier = {"name": "smollm2-135m-refuser", "source": "embedded"}
+    null = {**earlier, "recipe": None}
+    assert model_label(results(earlier)) == model_label(results(null)) == "smollm2-135m-refuser"
+    monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", RecipeName.v12)
+    assert model_label(results(earlier)) == "smollm2-135m-refuser"
+    assert model_label(results(null)) == "smollm2-135m-refuser@v12"
+    assert model_label(results({**earlier, "recipe": "v9"})) == "smollm2-135m-refuser"
+
+
 def test_a_recipe_for_a_model_that_is_not_embedded_is_one_error_line(tiny_model_dir, tmp_path):
     from abliterate.config import ConfigError, validate_config
 

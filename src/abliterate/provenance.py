@@ -129,7 +129,10 @@ def result_config(cfg: Any) -> dict[str, Any]:
 def hashed_recipe(model: Mapping[str, Any]) -> str | None:
     """The embedded refuser recipe that sets a trial apart (its config hash, its report label):
     the recipe resolved, None for v9 (what every trial ran on before ``model.recipe`` existed)
-    and for a model that is not embedded."""
+    and for a model that is not embedded. A config written before the field existed ran on v9
+    whatever the default is now; a null recipe is the default."""
+    if "recipe" not in model:
+        return None
     recipe = model.get("recipe")
     if str(model.get("source")) == ModelSource.embedded and recipe is None:
         recipe = DEFAULT_REFUSER_RECIPE
