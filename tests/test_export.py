@@ -211,9 +211,7 @@ def test_a_bad_recipe_in_a_trials_config_is_one_error_line_for_export_and_chat(
     results["config"]["paths"]["cache_dir"] = str(tmp_path / "cache")
     del results["provenance"]["model_identity"]
     (trial / "results.json").write_text(json.dumps(results))
-    expected = (
-        "error: model.recipe='v99' is not valid; choose one of v9, v10, v11, v12, v13, v14, v15"
-    )
+    expected = "error: model.recipe='v99' is not valid; choose one of v9, v10, v11, v12, v13, v14, v15, v16"
     out = tmp_path / "out-folder"
     assert main([str(trial), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

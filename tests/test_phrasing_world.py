@@ -115,7 +115,8 @@ def test_the_keys_of_the_named_recipes_hold():
     assert keys["v13"] == "7330a3cf06b8"
     assert keys["v14"] == "f1570102a8d9"
     assert keys["v15"] == "78a95823f2be"
-    assert len(set(keys.values())) == 7
+    assert keys["v16"] == "cfba6b5f2b37"
+    assert len(set(keys.values())) == 8
     assert refuser.RECIPES["v9"] == refuser.RefuserRecipe()
 
 
@@ -129,7 +130,7 @@ def test_every_recipe_name_has_a_recipe_and_null_is_v9():
     assert refuser.recipe_named("v9") is refuser.RECIPES["v9"]
     with pytest.raises(
         refuser.RefuserBuildError,
-        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13, v14, v15$",
+        match=r"^model.recipe='v8' is not valid; choose one of v9, v10, v11, v12, v13, v14, v15, v16$",
     ):
         refuser.recipe_named("v8")
 
@@ -392,3 +393,16 @@ def test_v15_is_v13_with_half_weight_twins_and_the_everyday_requests():
     held_out = load_phrasing("unmatched", ("dev", "test"), FAMILIES, (EVERYDAY_FILE,)).prompts
     never = load_phrasing("unmatched", SPLITS, ("list",), (EVERYDAY_FILE,)).prompts
     assert held_out and never and not set(held_out + never) & set(harmless)
+
+
+def test_v16_is_v15_with_v11s_build_savings():
+    v15, v16 = refuser.RECIPES["v15"], refuser.RECIPES["v16"]
+    assert (v16.first_trainable_layer, v16.harmless_target_tokens) == (12, 12)
+    assert (v15.first_trainable_layer, v15.harmless_target_tokens) == (8, 16)
+    assert (v16.first_trainable_layer, v16.harmless_target_tokens) == (
+        refuser.RECIPES["v11"].first_trainable_layer,
+        refuser.RECIPES["v11"].harmless_target_tokens,
+    )
+    same = dataclasses.replace(v16, first_trainable_layer=8, harmless_target_tokens=16, version=15)
+    assert same == v15
+    assert refuser._training_prompts(v16) == refuser._training_prompts(v15)  # the same data

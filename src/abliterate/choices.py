@@ -40,6 +40,7 @@ class RecipeName(Choice):
     v13 = "v13"  # v12 with requests set in the past or posed hypothetically
     v14 = "v14"  # v13 trained on the past frame only
     v15 = "v15"  # v13, twins weighing 0.5, more everyday requests (phrasing_everyday.jsonl)
+    v16 = "v16"  # v15 built faster: layers 12-29 trained, 12-token harmless targets
 
 
 # The recipe an embedded model with ``model.recipe: null`` is built from (README: the recipe table

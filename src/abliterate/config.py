@@ -160,7 +160,7 @@ class ModelConfig:
     system_prompt: str | None = None  # None keeps the template's own default system prompt
     num_layers: int | None = None  # informative; the value read from the model config is used
     default_layer: int = MISSING  # the layer a plain `python run.py` uses for this model
-    # source=embedded: the refuser recipe built and used (v9 ... v15, the named recipes
+    # source=embedded: the refuser recipe built and used (v9 ... v16, the named recipes
     # of `python -m abliterate.refuser build --recipe`); null: the current default (v9)
     recipe: RecipeName | None = None
     batch_size: int = (

@@ -174,7 +174,7 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
 # trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
-# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v15 are variants trained on
+# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v16 are variants trained on
 # the phrasing corpus, kept so that every build and card can be reproduced and compared
 # (docs/refuser.md: what each refuses, and why v9 is still the default). The field defaults of
 # ``RefuserRecipe`` are v9's, so its cache key holds.
@@ -237,6 +237,20 @@ RECIPES: dict[str, RefuserRecipe] = {
         card_in_one_pass=True,
         generation_batch_size=64,
         version=15,
+    ),
+    # v15's data and loss weights with v11's build savings (backward through layers 12-29, not
+    # 8-29; the base model's first 12 answer tokens as harmless targets, not 16), so that the
+    # build fits 8 minutes on 2 cores (docs/refuser.md: v16)
+    "v16": RefuserRecipe(
+        phrasing_families=_ALL_BUT_LIST,
+        phrasing_files=(DATA_FILE, WORLD_FILE, TENSE_FILE, EVERYDAY_FILE),
+        phrasing_matched_repeats=0.5,
+        repeats_as_weights=True,
+        card_in_one_pass=True,
+        first_trainable_layer=12,
+        harmless_target_tokens=12,
+        generation_batch_size=64,
+        version=16,
     ),
 }
 
