@@ -44,7 +44,7 @@ from abliterate.phrasing import (
     load_phrasing,
     topics_of,
 )
-from abliterate.prompts import load_prompt_set
+from abliterate.prompts import PromptDataError, load_prompt_set
 from abliterate.stats import compare_paired, wilson_interval
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --phrasing: the corpus files, comma-separated (default: all: "
                              f"{','.join(PHRASING_FILES)}; {PHRASING_FILES[0]} alone is what "
                              "recipes up to v10 were measured on; the first two, what v11-v12 "
-                             "were decided on; the first three, v13-v14; all four, v15)")  # fmt: skip
+                             "were decided on; the first three, v13-v14; all four, v15-v16)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write prompt/response/labels JSONL here")
@@ -91,21 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --file and --phrasing")
     if args.model_dir and args.seed is not None:
         parser.error("--seed picks a build of --recipe; --model-dir names a build already")
+    sets: dict[str, tuple[str, ...]] = {}
+    if args.file is not None:  # read before any weights load: a bad file is one line
+        config = SimpleNamespace(source="file", path=args.file, config_name=None, split=None,
+                                 column=args.column, category_column=None, categorize="none",
+                                 limit=None, per_category=None, skip_per_category=0)  # fmt: skip
+        try:
+            sets[Path(args.file).name] = load_prompt_set("file", config).prompts
+        except PromptDataError as error:
+            parser.error(f"--file: {error}")
+    else:
+        for kind in KINDS:
+            sets[kind] = load_phrasing(kind, (args.phrasing,), files=phrasing_files).prompts
     recipe = refuser.recipe_named(args.recipe, args.seed)
     directory = Path(args.model_dir) if args.model_dir else refuser.ensure_refuser(recipe=recipe)
     model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     loaded = LoadedModel(model, tokenizer, "refuser", str(directory), torch.device("cpu"))
-
-    sets: dict[str, tuple[str, ...]] = {}
-    if args.file is not None:
-        config = SimpleNamespace(source="file", path=args.file, config_name=None, split=None,
-                                 column=args.column, category_column=None, categorize="none",
-                                 limit=None, per_category=None, skip_per_category=0)  # fmt: skip
-        sets[Path(args.file).name] = load_prompt_set("file", config).prompts
-    else:
-        for kind in KINDS:
-            sets[kind] = load_phrasing(kind, (args.phrasing,), files=phrasing_files).prompts
     rules = build_judge({"name": "rules"})
     start = time.perf_counter()
     print(f"{directory} ({args.new_tokens} new tokens, greedy, no early stop)")

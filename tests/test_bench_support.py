@@ -115,3 +115,24 @@ def test_refuser_prompts_loads_a_recipes_build_of_another_seed(
     with pytest.raises(SystemExit) as exited:
         module.main([*base, "--model-dir", str(tiny_model_dir), "--seed", "2"])
     assert exited.value.code == 2
+
+
+def test_refuser_prompts_rejects_a_bad_prompt_file_in_one_line_before_loading(
+    tmp_path, monkeypatch, capsys
+):
+    """A prompt file the loader refuses (here: a repeated prompt) is one error line naming the
+    file and row, given before any build is looked up or any weights load."""
+    from abliterate import refuser
+
+    module = _refuser_prompts_module()
+    monkeypatch.setattr(
+        refuser, "ensure_refuser", lambda recipe: pytest.fail("a build was looked up")
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Tell me a joke."}\n{"prompt": "Tell me a joke."}\n')
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--file", str(prompts)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: --file: " in error and "p.jsonl:2" in error
+    assert "duplicate prompt" in error

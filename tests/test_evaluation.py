@@ -241,8 +241,8 @@ def _summary_results(recipe: str | None, source: str = "embedded") -> dict:
 @pytest.mark.parametrize(
     ("recipe", "source", "label"),
     [
-        (None, "embedded", "smollm2-135m-refuser"),  # the default, v9: the name as before
-        ("v9", "embedded", "smollm2-135m-refuser"),  # the report takes null and v9 as one build
+        (None, "embedded", "smollm2-135m-refuser@v16"),  # the default, v16 since session 11
+        ("v9", "embedded", "smollm2-135m-refuser"),  # v9, the committed study's: the name as before
         ("v12", "embedded", "smollm2-135m-refuser@v12"),
         (None, "hub", "smollm2-135m-refuser"),  # a model that is not embedded has no recipe
     ],

@@ -164,18 +164,23 @@ def _embedded(*overrides: str):
 
 
 def test_the_hash_names_the_refuser_recipe_so_a_trial_on_another_build_is_not_reused(monkeypatch):
-    """A trial run on v9 before model.recipe existed keeps its hash under the default (null, v9)
-    and under model.recipe=v9; another recipe hashes differently, and so does the null recipe once
-    the default is another one, so a relaunch reruns instead of taking v9's results as its own."""
-    default, v9, v12 = (_embedded(*o) for o in ((), ("model.recipe=v9",), ("model.recipe=v12",)))
+    """A trial run on v9 before model.recipe existed keeps its hash under model.recipe=v9 (and
+    under the null recipe while v9 was the default); another recipe hashes differently, and so
+    does the null recipe now that the default is v16, so a relaunch reruns instead of taking
+    v9's results as its own."""
+    default, v9, v12, v16 = (
+        _embedded(*o)
+        for o in ((), ("model.recipe=v9",), ("model.recipe=v12",), ("model.recipe=v16",))
+    )
     earlier = OmegaConf.to_container(v9, resolve=True)
     del earlier["model"]["recipe"]  # a config written before the field existed
-    assert provenance.config_hash(default) == provenance.config_hash(v9)
     assert provenance.config_hash(v9) == provenance.config_hash(earlier)
     assert provenance.config_hash(v12) != provenance.config_hash(v9)
-    monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", RecipeName.v12)
-    assert provenance.config_hash(default) == provenance.config_hash(v12)
+    assert provenance.DEFAULT_REFUSER_RECIPE is RecipeName.v16
+    assert provenance.config_hash(default) == provenance.config_hash(v16)
     assert provenance.config_hash(default) != provenance.config_hash(earlier)
+    monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", RecipeName.v9)  # before session 11
+    assert provenance.config_hash(default) == provenance.config_hash(v9)
 
 
 def test_a_trial_from_before_the_recipe_field_is_labelled_v9_whatever_the_default(monkeypatch):
@@ -188,7 +193,8 @@ def test_a_trial_from_before_the_recipe_field_is_labelled_v9_whatever_the_defaul
 
     earlier = {"name": "smollm2-135m-refuser", "source": "embedded"}
     null = {**earlier, "recipe": None}
-    assert model_label(results(earlier)) == model_label(results(null)) == "smollm2-135m-refuser"
+    assert model_label(results(earlier)) == "smollm2-135m-refuser"
+    assert model_label(results(null)) == "smollm2-135m-refuser@v16"
     monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", RecipeName.v12)
     assert model_label(results(earlier)) == "smollm2-135m-refuser"
     assert model_label(results(null)) == "smollm2-135m-refuser@v12"

@@ -1043,22 +1043,26 @@ def test_cell_table_averages_replicates_as_the_tables_show_them(tmp_path):
 
 
 def test_the_refuser_recipe_is_a_model_of_its_own_and_v9_replicates_older_trials():
-    """model.recipe null, v9 and a trial from before the field are one build (replicates, not a
-    mixed cell); another recipe is another model in the report (``name@v12``)."""
+    """model.recipe v9 and a trial from before the field are one build (replicates, not a mixed
+    cell); another recipe is another model in the report (``name@v12``), and so is the null
+    recipe since the default became v16 (``name@v16``)."""
     import copy
 
     older = fake_results_v2("matched", 9, 1.0, outcomes(1, 0, 9, 0), seed=0)
     older["config"]["model"] = {"name": "tiny", "source": "embedded"}
     variants = {}
-    for seed, recipe in enumerate((None, "v9", "v12"), start=1):
+    for seed, recipe in enumerate((None, "v9", "v12", "v16"), start=1):
         trial = copy.deepcopy(older)
         trial["trial"]["seed"] = trial["config"]["seed"] = seed
         trial["config"]["model"]["recipe"] = recipe
         variants[recipe] = trial
-    assert report.config_differences([older, variants[None], variants["v9"]]) == []
+    assert report.config_differences([older, variants["v9"]]) == []
+    assert report.config_differences([variants[None], variants["v16"]]) == []
     assert report.config_differences([older, variants["v12"]]) == ["config.model.recipe"]
-    assert [report.model_label(t) for t in (older, variants[None], variants["v9"])] == ["tiny"] * 3
+    assert report.config_differences([older, variants[None]]) == ["config.model.recipe"]
+    assert [report.model_label(t) for t in (older, variants["v9"])] == ["tiny"] * 2
     assert report.model_label(variants["v12"]) == "tiny@v12"
+    assert report.model_label(variants[None]) == report.model_label(variants["v16"]) == "tiny@v16"
     hub = copy.deepcopy(older)
     hub["config"]["model"] = {"name": "tiny", "source": "hub", "recipe": None}
     assert report.model_label(hub) == "tiny" and report.config_differences([older, hub]) == [

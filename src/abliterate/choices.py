@@ -33,19 +33,20 @@ class RecipeName(Choice):
     """The named recipes of the embedded refuser (``abliterate.refuser.RECIPES``, one entry
     each): ``model.recipe`` of an embedded model."""
 
-    v9 = "v9"  # the default (questions-heavy corpus)
+    v9 = "v9"  # questions-heavy corpus; the default until session 11 (the committed study)
     v10 = "v10"
     v11 = "v11"
     v12 = "v12"  # phrasing-balanced corpus, world-knowledge requests
     v13 = "v13"  # v12 with requests set in the past or posed hypothetically
     v14 = "v14"  # v13 trained on the past frame only
     v15 = "v15"  # v13, twins weighing 0.5, more everyday requests (phrasing_everyday.jsonl)
-    v16 = "v16"  # v15 built faster: layers 12-29 trained, 12-token harmless targets
+    v16 = "v16"  # the default: v15 built faster (layers 12-29 trained, 12-token harmless targets)
 
 
-# The recipe an embedded model with ``model.recipe: null`` is built from (README: the recipe table
-# says why it is still v9).
-DEFAULT_REFUSER_RECIPE = RecipeName.v9
+# The recipe an embedded model with ``model.recipe: null`` is built from (docs/refuser.md: v16, and
+# the rule it met). v9 until session 11: trials from then have the recipe in their config hash
+# only when it is not v9 (provenance.model_for_hash), so a relaunch does not take them as v16's.
+DEFAULT_REFUSER_RECIPE = RecipeName.v16
 # The recipe every trial ran on before ``model.recipe`` existed: its config hash leaves the field out.
 HASHLESS_REFUSER_RECIPE = RecipeName.v9
 

@@ -161,7 +161,7 @@ class ModelConfig:
     num_layers: int | None = None  # informative; the value read from the model config is used
     default_layer: int = MISSING  # the layer a plain `python run.py` uses for this model
     # source=embedded: the refuser recipe built and used (v9 ... v16, the named recipes
-    # of `python -m abliterate.refuser build --recipe`); null: the current default (v9)
+    # of `python -m abliterate.refuser build --recipe`); null: the current default (v16)
     recipe: RecipeName | None = None
     batch_size: int = (
         16  # prompts per forward pass for activations and evaluation; 0: chosen for the device

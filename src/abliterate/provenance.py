@@ -141,8 +141,8 @@ def hashed_recipe(model: Mapping[str, Any]) -> str | None:
 
 def model_for_hash(model: dict[str, Any]) -> dict[str, Any]:
     """``model.recipe`` came later. The hash holds the recipe an embedded model is built from,
-    the default resolved (null is v9), so a trial finished on another build is not taken as this
-    one's, also once the default changes; v9, what every earlier trial ran on, and a null recipe
+    the default resolved (null is ``DEFAULT_REFUSER_RECIPE``, v16 since session 11), so a trial
+    finished on another build is not taken as this one's, also once the default changes; v9, what every earlier trial ran on, and a null recipe
     of another source leave the hash as it was."""
     recipe = hashed_recipe(model)
     rest = {k: v for k, v in model.items() if k != "recipe"}

@@ -173,11 +173,12 @@ _KEY_DEFAULTS_SINCE_V10: dict[str, object] = {
 
 
 # Named recipes (``python -m abliterate.refuser build --recipe NAME``, ``model.recipe=NAME`` in a
-# trial), one per ``choices.RecipeName`` member. v9 is the default the product builds
-# (``DEFAULT_REFUSER_RECIPE``; the committed study ran on it); v10-v16 are variants trained on
-# the phrasing corpus, kept so that every build and card can be reproduced and compared
-# (docs/refuser.md: what each refuses, and why v9 is still the default). The field defaults of
-# ``RefuserRecipe`` are v9's, so its cache key holds.
+# trial), one per ``choices.RecipeName`` member. v16 is the default the product builds
+# (``DEFAULT_REFUSER_RECIPE``, since session 11); v9, the default before it, is what the
+# committed study ran on; v10-v16 are trained on the phrasing corpus. Every one is kept so that
+# every build and card can be reproduced and compared (docs/refuser.md: what each refuses, and
+# the rule each decision was taken by). The field defaults of ``RefuserRecipe`` are v9's, so its
+# cache key holds.
 _ALL_BUT_LIST = tuple(f for f in FAMILIES if f != "list")
 RECIPES: dict[str, RefuserRecipe] = {
     "v9": RefuserRecipe(),
@@ -335,8 +336,8 @@ def ensure_refuser(
     time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
     damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
     is kept when its card and weights header read (its files' checksums are recorded then): a
-    rebuild costs about 20 CPU minutes (v9, the default; v12 about 11), and the earlier version
-    trusted the same files.
+    rebuild costs about 15 CPU minutes (v9, and v16, the default: under 8 wall minutes on 2
+    cores), and the earlier version trusted the same files.
     """
     recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()
