@@ -13,10 +13,11 @@
 #
 # The embedded model was fine-tuned here to refuse harmful prompts and to answer matched-harmless
 # ones: its results test the pipeline, not Petrov's hypothesis about naturally aligned models.
-# The committed study ran on refuser recipe v9, the default then (model.recipe null); the
+# The committed study ran on refuser recipe v9, the default then (no model.recipe override); the
 # default is now v16. Add model.recipe=v9 to rerun it on v9's build, or another named recipe to
-# run it on that build: each recipe's trials hash apart and get directories of their own; use
-# another SWEEP for each, so one report does not hold two builds.
+# run it on that build: each recipe's trials hash apart and get directories of their own (their
+# names end in ,model.recipe=...); use a fresh SWEEP for each, so one report does not hold two
+# builds.
 #
 # Usage: bash multirun_scripts/study_embedded.sh [extra overrides]   (rerunning resumes)
 #        OUT=docs/study-embedded bash multirun_scripts/study_embedded.sh   (where the report goes)

@@ -99,6 +99,12 @@ def test_gguf_model_and_tokenizer_load_from_one_parse_of_the_file(monkeypatch):
     assert weights.keys() == separate.keys()
     assert all(torch.equal(weights[name], separate[name]) for name in weights)
     assert tokenizer.get_vocab() == separate_tokenizer.get_vocab()
+    assert tokenizer.chat_template == separate_tokenizer.chat_template
+    assert tokenizer.all_special_tokens == separate_tokenizer.all_special_tokens
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (
+        separate_tokenizer.bos_token,
+        separate_tokenizer.eos_token,
+    )
     text = "<|im_start|>user\nHow do I bake rye bread? (Ünïcode)<|im_end|>\n"
     assert tokenizer(text)["input_ids"] == separate_tokenizer(text)["input_ids"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -199,6 +200,42 @@ def test_a_trial_from_before_the_recipe_field_is_labelled_v9_whatever_the_defaul
     assert model_label(results(earlier)) == "smollm2-135m-refuser"
     assert model_label(results(null)) == "smollm2-135m-refuser@v12"
     assert model_label(results({**earlier, "recipe": "v9"})) == "smollm2-135m-refuser"
+
+
+def test_a_null_recipe_is_the_build_the_trial_ran_on_not_todays_default(monkeypatch):
+    """A trial written with model.recipe null while v9 was the default recorded v9's config hash:
+    it stays v9's (label, report cell, reload) now that the default is v16; one written since is
+    v16's; without a recorded hash, the current default; without the field, v9."""
+    from abliterate import report
+    from abliterate.records import model_label
+
+    container = OmegaConf.to_container(_embedded(), resolve=True)
+    assert container["model"]["recipe"] is None
+
+    def finished(default):
+        monkeypatch.setattr(provenance, "DEFAULT_REFUSER_RECIPE", default)
+        recorded = provenance.config_hash(container)  # what the trial wrote then
+        monkeypatch.undo()
+        return {
+            "trial": {"model": "smollm2-135m-refuser"},
+            "config": copy.deepcopy(container),
+            "provenance": {"config_hash": recorded},
+        }
+
+    then, now = finished(RecipeName.v9), finished(RecipeName.v16)
+    assert provenance.recorded_recipe(then) == "v9"
+    assert provenance.recorded_recipe(now) == "v16"
+    assert model_label(then) == "smollm2-135m-refuser"
+    assert model_label(now) == "smollm2-135m-refuser@v16"
+    assert report.comparable_config(then) != report.comparable_config(now)
+    no_hash = {**now, "provenance": {}}
+    assert provenance.recorded_recipe(no_hash) == "v16"
+    earlier = copy.deepcopy(then)
+    del earlier["config"]["model"]["recipe"]
+    assert provenance.recorded_recipe(earlier) == "v9"
+    assert report.comparable_config(earlier) == report.comparable_config(then)
+    hub = {**now, "config": {**now["config"], "model": {**container["model"], "source": "hub"}}}
+    assert provenance.recorded_recipe(hub) is None
 
 
 def test_a_recipe_for_a_model_that_is_not_embedded_is_one_error_line(tiny_model_dir, tmp_path):

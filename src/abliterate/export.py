@@ -42,7 +42,7 @@ from abliterate.config import AblationConfig, ConfigError
 from abliterate.directions import load_directions
 from abliterate.loading import load_model
 from abliterate.models import LoadedModel
-from abliterate.provenance import model_identity
+from abliterate.provenance import model_identity, recorded_recipe
 from abliterate.stats import wilson_interval
 
 CARD_FILE = "abliteration_card.json"
@@ -205,6 +205,12 @@ def load_trial_model(
         # model.device) would otherwise put the model on the GPUs whatever --device says
         model_cfg = OmegaConf.merge(model_cfg, {"device": device, "device_map": None})
     recorded = (edit.results.get("provenance") or {}).get("model_identity")
+    if recorded is None and model_cfg.source == "embedded":
+        # the build the trial ran on: v9 for a config without model.recipe, the default then for
+        # a null one (provenance.recorded_recipe), not today's default
+        container = OmegaConf.to_container(edit.config, resolve=True)
+        recipe = recorded_recipe({**edit.results, "config": container})
+        model_cfg = OmegaConf.merge(model_cfg, {"recipe": recipe})
     if recorded is None:
         print(
             f"warning: {edit.trial_dir}: results.json records no model identity (an older "

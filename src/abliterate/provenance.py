@@ -29,7 +29,12 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 import abliterate
-from abliterate.choices import DEFAULT_REFUSER_RECIPE, HASHLESS_REFUSER_RECIPE, ModelSource
+from abliterate.choices import (
+    DEFAULT_REFUSER_RECIPE,
+    HASHLESS_REFUSER_RECIPE,
+    ModelSource,
+    RecipeName,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +157,46 @@ def model_for_hash(model: dict[str, Any]) -> dict[str, Any]:
 def config_hash(cfg: Any) -> str:
     """A hash of :func:`result_config`: equal for two configs that must give equal results."""
     return digest(result_config(cfg))
+
+
+def recorded_recipe(results: Mapping[str, Any]) -> str | None:
+    """The refuser recipe a finished trial ran on (None: its model is not the embedded one).
+
+    A config without ``model.recipe`` ran on v9 (the field came later). A null recipe meant the
+    default *when the trial ran*, and the default has changed (v9 until session 11, then v16):
+    it is the recipe whose config hash equals the one the trial recorded
+    (``provenance.config_hash``, which resolved the default then); without a recorded hash, the
+    current default.
+    """
+    config = results.get("config")
+    if not isinstance(config, dict):
+        return None
+    model = config.get("model")
+    if not isinstance(model, dict) or str(model.get("source")) != ModelSource.embedded:
+        return None
+    if "recipe" not in model:
+        return str(HASHLESS_REFUSER_RECIPE)
+    if model["recipe"] is not None:
+        return str(model["recipe"])
+    recorded = (results.get("provenance") or {}).get("config_hash")
+    if recorded:
+        for name in (DEFAULT_REFUSER_RECIPE, *RecipeName):
+            if config_hash({**config, "model": {**model, "recipe": str(name)}}) == recorded:
+                return str(name)
+    return str(DEFAULT_REFUSER_RECIPE)
+
+
+def with_recorded_recipe(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results["config"]`` with a null ``model.recipe`` replaced by :func:`recorded_recipe` (the
+    build the trial ran on), so that labels, cells and reloads read the recipe, not today's
+    default; other configs unchanged."""
+    config = dict(results.get("config") or {})
+    model = config.get("model")
+    if isinstance(model, dict) and "recipe" in model and model["recipe"] is None:
+        recipe = recorded_recipe(results)
+        if recipe is not None:
+            config["model"] = {**model, "recipe": recipe}
+    return config
 
 
 def _file_signature(path: Path) -> list[Any]:

@@ -129,7 +129,8 @@ def model_label(results: dict[str, Any]) -> str:
     the report's settings)."""
     trial = results["trial"]
     name = str(trial.get("model_name") or trial["model"])
-    model = (results.get("config") or {}).get("model")
+    # a null recipe is the build the trial ran on (the default then), not today's default
+    model = provenance.with_recorded_recipe(results).get("model")
     recipe = provenance.hashed_recipe(model) if isinstance(model, dict) else None
     return f"{name}@{recipe}" if recipe else name
 

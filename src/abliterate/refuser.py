@@ -336,8 +336,8 @@ def ensure_refuser(
     time per cache while concurrent jobs wait on its lock, and every file checksummed, so a
     damaged weight file is rebuilt rather than loaded. A build made before entries had checksums
     is kept when its card and weights header read (its files' checksums are recorded then): a
-    rebuild costs about 15 CPU minutes (v9, and v16, the default: under 8 wall minutes on 2
-    cores), and the earlier version trusted the same files.
+    rebuild costs about 15 CPU minutes (v16, the default: 885 CPU s, 459 wall s on 2 cores),
+    and the earlier version trusted the same files.
     """
     recipe = recipe or recipe_named(None)
     base_path = find_base_gguf()

@@ -409,6 +409,8 @@ def comparable_config(results: Results) -> dict[str, Any]:
     signature: dict[str, Any] = {"trial": trial}
     config = results.get("config")
     if isinstance(config, dict):
+        # a null model.recipe: the build the trial ran on (the default then), not today's
+        config = provenance.with_recorded_recipe(results)
         config = {k: v for k, v in config.items() if k not in CONFIG_IGNORED}
         if isinstance(config.get("extraction"), dict):
             config["extraction"] = {k: v for k, v in config["extraction"].items() if k != "seed"}
@@ -416,7 +418,7 @@ def comparable_config(results: Results) -> dict[str, Any]:
             # combine=auto and the combine it resolves to apply the same edit
             config["ablation"] = {**config["ablation"], "combine": combine}
         if isinstance(config.get("model"), dict) and "recipe" in config["model"]:
-            # model.recipe null, v9 and a trial from before the field: the same build
+            # model.recipe v9 and a trial from before the field: the same build
             config["model"] = provenance.model_for_hash(config["model"])
         signature["config"] = config
     return signature
